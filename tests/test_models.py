@@ -1,0 +1,311 @@
+"Bad input, cleanup and determinism of niwt_nb.models and niwt_nb.importance (beyond the notebooks' own tests)."
+import urllib.error, warnings
+from types import SimpleNamespace
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from niwt_nb.core import NIWTInputError, import_torchvision, eval_mode
+import niwt_nb.models as M
+from niwt_nb.models import ModelConfig, build_model, TrainConfig, train_seen, ImageNorm, predict, iter_batches
+from niwt_nb.importance import importances, importances_from_acts, extract_alphas, ImportanceConfig
+
+tv = import_torchvision()
+
+
+def tiny_data(n_per=12, size=32, seed=0, tensor_images=True):
+    "Stand-in with the ZSLData contract's fields: 6 coloured-square classes, 4 seen (0,1,2,4), 2 unseen (3,5)."
+    g = torch.Generator().manual_seed(seed)
+    n_cls = 6; labels = torch.arange(n_cls).repeat_interleave(n_per)
+    imgs = torch.rand(len(labels), 3, size, size, generator=g) * 0.4
+    colors = torch.rand(n_cls, 3, generator=g)
+    for i, c in enumerate(labels.tolist()):
+        r, q = (c % 3) * (size // 3), (c // 3) * (size // 2)
+        imgs[i, :, r:r + size // 3, q:q + size // 2] = colors[c, :, None, None]
+    images = (imgs * 255).to(torch.uint8)
+    seen, unseen = torch.tensor([0, 1, 2, 4]), torch.tensor([3, 5])
+    per = lambda cs, a, b: torch.cat([torch.nonzero(labels == c)[:, 0][int(a * n_per):int(b * n_per)] for c in cs])
+    splits = {"train": per(seen, 0, .6), "val": per(seen, .6, .8), "test_seen": per(seen, .8, 1),
+              "test_unseen": per(unseen, 0, 1)}
+    splits["trainval"] = torch.cat([splits["train"], splits["val"]]).sort().values
+    d = SimpleNamespace(name="tiny", classes=[f"c{i}" for i in range(n_cls)], labels=labels, splits=splits, seen=seen,
+                        unseen=unseen, val_classes=seen[-1:], images=images, n_cls=n_cls, n_img=len(labels))
+    def dataset(split, transform=None):
+        x = images[splits[split]].float() / 255
+        return torch.utils.data.TensorDataset(transform(x) if transform else x, labels[splits[split]], splits[split])
+    d.dataset = dataset
+    if not tensor_images: d.images = [f"img{i}.jpg" for i in range(len(labels))]
+    return d
+
+
+def small(**kw): return build_model(ModelConfig(width=8, **kw), 4)
+
+
+def clean(model):
+    "No hooks anywhere and no gradient on any parameter."
+    hooks = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                for m in model.modules())
+    return not hooks and all(p.grad is None for p in model.parameters())
+
+
+# ---- configs and layers -------------------------------------------------------------------------------------------
+def test_unknown_backbone_lists_close_matches():
+    with pytest.raises(NIWTInputError, match=r"close matches: \['resnet101'"): ModelConfig(backbone="resnet-101")
+    with pytest.raises(NIWTInputError, match="use one of"): ModelConfig(backbone="alexnet")
+
+
+@pytest.mark.parametrize("layer,msg", [("layer5.0", "no layer named 'layer5.0'"), ("layer2.1.bn1", "inside 'layer2.1'"),
+                                       ("avgpool", "no spatial dimensions"), ("fc", "is the classifier")])
+def test_wrong_layers(layer, msg):
+    with pytest.raises(NIWTInputError, match=msg): build_model(ModelConfig("resnet18", layer=layer), 3)
+
+
+def test_smallcnn_global_pool_and_inner_layers():
+    with pytest.raises(NIWTInputError, match="no spatial dimensions"): small(layer="avgpool")
+    net = small(layer="features.1.2")  # the ReLU inside block 1: 16 channels at 16x16 before its max-pool
+    assert (net.K, net.D) == (16, 32)
+    assert net.acts(torch.rand(2, 3, 32, 32)).shape == (2, 16, 16, 16)
+
+
+def test_vgg16_conv5_3_and_layers_without_spatial_dims():
+    net = build_model(ModelConfig("vgg16", layer="conv5_3"), 3)
+    assert (net.layer, net.K, net.D) == ("features.29", 512, 4096)
+    assert isinstance(net.body.features[-1], nn.ReLU) and isinstance(net.head.features[0], nn.MaxPool2d)
+    with torch.device("meta"): ref = tv.models.vgg16(num_classes=3)  # gets `net`'s weights: must compute the same
+    ref.to_empty(device="cpu")
+    ref.load_state_dict({k.removeprefix("body.").removeprefix("head.").replace("fc.", "classifier.6."): v
+                         for k, v in net.state_dict().items()})
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad(), eval_mode(net), eval_mode(ref):
+        torch.testing.assert_close(net(x), ref(ImageNorm()(x)), atol=1e-4, rtol=1e-4)
+    with pytest.raises(NIWTInputError, match="without spatial dimensions"):
+        build_model(ModelConfig("vgg16", layer="classifier.0"), 3)
+    with pytest.raises(NIWTInputError, match="is the classifier"): build_model(ModelConfig("vgg16", layer="classifier.6"), 3)
+
+
+def test_resnet101_paper_layer():
+    net = build_model(ModelConfig("resnet101"), 5)
+    assert (net.layer, net.K, net.D) == ("layer4.0", 2048, 2048)
+    assert list(net.head.layer4._modules) == ["1", "2"]
+
+
+def test_every_resnet_cut_computes_the_uncut_network(tmp_path):
+    ref = tv.models.resnet18(num_classes=3).eval()
+    for m in ref.modules():  # non-trivial BN statistics, so a wrongly placed module would show
+        if isinstance(m, nn.BatchNorm2d): m.running_mean.uniform_(-.1, .1); m.running_var.uniform_(.5, 2)
+    torch.save(ref.state_dict(), tmp_path / "r18.pt")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad(): want = ref(ImageNorm()(x))
+    for layer in ["maxpool", "layer1", "layer1.0", "layer2.1", "layer3.0", "layer4", "layer4.0"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = build_model(ModelConfig("resnet18", layer=layer, weights=str(tmp_path / "r18.pt")), 3).eval()
+        assert "fc loaded from the file" in net.weights_desc
+        with torch.no_grad(): torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_head_warns():
+    with pytest.warns(UserWarning, match="linear in A"): build_model(ModelConfig("resnet18", layer="layer4.1"), 3)
+
+
+# ---- weights --------------------------------------------------------------------------------------------------------
+def test_bad_weights_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(NIWTInputError, match="cannot be loaded with torch.load"): small(weights=str(tmp_path / "junk.pt"))
+    torch.save(nn.Linear(2, 2), tmp_path / "pickled_model.pt")  # a whole pickled module: refused by weights_only
+    with pytest.raises(NIWTInputError, match="cannot be loaded"): small(weights=str(tmp_path / "pickled_model.pt"))
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(NIWTInputError, match="does not hold a state dict"): small(weights=str(tmp_path / "list.pt"))
+    with pytest.raises(NIWTInputError, match="neither 'random', 'imagenet' nor an existing file"):
+        small(weights=str(tmp_path / "missing.pt"))
+
+
+def test_weights_from_another_architecture(tmp_path):
+    torch.save(tv.models.resnet18().state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(NIWTInputError, match=r"missing keys \d+ .*unexpected keys \d+"):
+        build_model(ModelConfig("resnet50", weights=str(tmp_path / "r18.pt")), 3)
+    torch.save(small().state_dict(), tmp_path / "w8.pt")
+    with pytest.raises(NIWTInputError, match=r"shape mismatches \d+ \(\['features.0.0.weight: file \(8, 3, 3, 3\) vs model \(16, 3, 3, 3\)"):
+        build_model(ModelConfig(width=16, weights=str(tmp_path / "w8.pt"), layer="features.2"), 4)
+
+
+def test_checkpoint_formats_and_prefixes(tmp_path):
+    ref = small()
+    sd = ref.state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "wrapped.pt")
+    net = small(weights=str(tmp_path / "wrapped.pt"), layer="features.1")  # another cut of the same weights
+    assert "fc loaded from the file" in net.weights_desc
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(net.eval()(x), ref.eval()(x))
+    other = build_model(ModelConfig(width=8, weights=str(tmp_path / "wrapped.pt")), 7)  # 7 classes: fc not loaded
+    assert "classifier (4 outputs) ignored" in other.weights_desc
+
+
+def test_imagenet_offline_and_cached(monkeypatch):
+    def offline(w): raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(M, "_download_state_dict", offline)
+    with pytest.raises(NIWTInputError, match="resnet18-f37072fd.pth elsewhere and pass its local path"):
+        build_model(ModelConfig("resnet18", weights="imagenet"), 3)
+    src = tv.models.resnet18()
+    monkeypatch.setattr(M, "_download_state_dict", lambda w: src.state_dict())
+    net = build_model(ModelConfig("resnet18", weights="imagenet"), 3)
+    assert "ResNet18_Weights.IMAGENET1K_V1" in net.weights_desc and "1000 outputs) ignored" in net.weights_desc
+    assert torch.equal(net.body.layer4[0].conv1.weight, src.layer4[0].conv1.weight)
+
+
+# ---- importances: bad input and what a call leaves behind ----------------------------------------------------------
+def test_targets_mismatch_and_types():
+    net, x = small(), torch.rand(3, 3, 32, 32)
+    with pytest.raises(NIWTInputError, match="has 2 entries but the batch has 3"): importances(net, x, torch.tensor([0, 1]))
+    with pytest.raises(NIWTInputError, match="has 4 entries"): importances(net, x, [0, 1, 2, 3])
+    with pytest.raises(NIWTInputError, match="1-D"): importances(net, x, torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(NIWTInputError, match=r"\[0, 6\)"): importances(net, x, 6, W=torch.randn(6, 32))
+    with pytest.raises(NIWTInputError, match="given without W"): importances(net, x, 0, b=torch.zeros(4))
+    with pytest.raises(NIWTInputError, match="`x`"): importances(net, x[0], 0)
+    assert importances(net, x, [0, 1, 2]).shape == (3, 32)
+
+
+@pytest.mark.parametrize("where", ["targets", "head"])
+def test_nothing_left_after_a_call_that_raised(where):
+    net = small().train()
+    net.body.features[0].eval()  # a mixed state must come back as it was
+    modes = [m.training for m in net.modules()]
+    bn = net.head.features[0][1]; stats = (bn.running_mean.clone(), bn.num_batches_tracked.clone())
+    x = torch.rand(2, 3, 32, 32)
+    if where == "head":
+        class Boom(nn.Module):
+            def forward(self, f): raise RuntimeError("boom")
+        net.head.add_module("boom", Boom())
+    with pytest.raises((NIWTInputError, RuntimeError)):
+        importances(net, x, torch.tensor([0, 1, 2]) if where == "targets" else torch.tensor([0, 1]))
+    if where == "head": del net.head.boom
+    assert [m.training for m in net.modules()] == modes and clean(net)
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.num_batches_tracked, stats[1])
+    importances(net, x, 1)
+    assert [m.training for m in net.modules()] == modes and clean(net)
+
+
+def test_importances_under_no_grad_and_inference_mode():
+    net, x = small(), torch.rand(2, 3, 32, 32)
+    want = importances(net, x, 1)
+    with torch.no_grad(): torch.testing.assert_close(importances(net, x, 1), want)
+    with torch.inference_mode():
+        A = net.eval().acts(x)
+        got = importances_from_acts(net, A, 1)
+    torch.testing.assert_close(got, want)
+    assert not want.requires_grad
+
+
+def test_importances_match_finite_differences():
+    net = small().double().eval()
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad(): A = net.acts(x)
+    a = importances_from_acts(net, A, 2)[0]
+    eps = 1e-6
+    for k in [0, 5, 17]:  # moving all of channel k by eps moves y_c by eps * sum_ij dy/dA_kij
+        d = torch.zeros_like(A); d[:, k] = eps
+        with torch.no_grad(): fd = (net.fc(net.features(A + d)) - net.fc(net.features(A - d)))[0, 2] / (2 * eps)
+        assert abs(fd.item() - a[k].item()) < 1e-5 * max(1, abs(a[k].item()))
+
+
+# ---- training, prediction, alphas -----------------------------------------------------------------------------------
+def test_train_seen_deterministic_and_same_on_both_data_paths(tmp_path):
+    cfg = TrainConfig(epochs=2, bs=8, head_epochs=1, seed=3)
+    runs = [train_seen(small(), tiny_data(tensor_images=t), cfg) for t in (True, True, False)]
+    for net, hist in runs[1:]:
+        assert hist["train_loss"] == runs[0][1]["train_loss"] and hist["val_acc"] == runs[0][1]["val_acc"]
+        for (k, v), w in zip(net.state_dict().items(), runs[0][0].state_dict().values()): assert torch.equal(v, w), k
+    assert runs[0][1]["phase"] == ["head", "all"]
+    assert all(clean(n) and all(p.requires_grad for p in n.parameters()) for n, _ in runs)
+
+
+def test_train_seen_early_stopping_keeps_best(tmp_path):
+    data = tiny_data()
+    data.splits["val"] = data.splits["val"][:1]  # one val image: accuracy saturates, then stalls
+    net, hist = train_seen(small(), data, TrainConfig(epochs=8, bs=8, patience=2), ckpt_path=tmp_path / "c.pt")
+    best = hist["best_epoch"]
+    assert hist["val_acc"][best] == max(hist["val_acc"])
+    if hist["stopped_early"]: assert len(hist["epoch"]) == best + 3
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ck["epoch"] == best
+    for k, v in net.state_dict().items(): assert torch.equal(ck["model"][k], v), k
+
+
+def test_train_seen_bad_input():
+    data = tiny_data()
+    with pytest.raises(NIWTInputError, match="`model`"): train_seen(nn.Linear(2, 2), data)
+    with pytest.raises(NIWTInputError, match="`cfg`"): train_seen(small(), data, cfg={"epochs": 1})
+    d2 = tiny_data(); del d2.splits["train"]
+    with pytest.raises(NIWTInputError, match="'train' is not a split"): train_seen(small(), d2)
+    with pytest.raises(NIWTInputError, match="`data`"): train_seen(small(), SimpleNamespace(labels=None))
+
+
+def test_build_model_leaves_global_rng_alone():
+    s = torch.get_rng_state()
+    small(); build_model(ModelConfig("resnet18"), 2)
+    assert torch.equal(s, torch.get_rng_state())
+
+
+def test_predict_and_empty_split():
+    data = tiny_data(); net = small()
+    data.splits["empty"] = torch.zeros(0, dtype=torch.long)
+    out = predict(net, data, "empty")
+    assert out["logits"].shape == (0, 4) and out["features"].shape == (0, 32)
+    p = predict(net, tiny_data(tensor_images=False), "test_unseen", bs=5)
+    assert torch.equal(p["labels"], data.labels[data.splits["test_unseen"]])
+
+
+def test_extract_alphas_streaming_cleans_up_on_failure(tmp_path):
+    data, net = tiny_data(), small()
+    calls = []
+    orig = net.head.forward
+    def flaky(A):
+        calls.append(1)
+        if len(calls) == 2: raise RuntimeError("interrupted")
+        return orig(A)
+    net.head.forward = flaky
+    with pytest.raises(RuntimeError, match="interrupted"):
+        extract_alphas(net, data, cfg=ImportanceConfig(bs=10), out_dir=tmp_path, max_memory_mb=1e-4)
+    assert list(tmp_path.iterdir()) == []  # neither a temp file nor a half-written result
+    del net.head.forward
+    res = extract_alphas(net, data, cfg=ImportanceConfig(bs=10), out_dir=tmp_path, max_memory_mb=1e-4)
+    ref = extract_alphas(net, data, cfg=ImportanceConfig(bs=64))
+    torch.testing.assert_close(res["alphas"], ref["alphas"])
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npy"]
+    assert np.load(res["path"], mmap_mode="r").shape == (len(data.splits["trainval"]), 32)
+
+
+def test_extract_alphas_empty_class_is_nan():
+    data, net = tiny_data(), small()
+    data.splits["trainval"] = data.splits["trainval"][data.labels[data.splits["trainval"]] != 4]
+    with pytest.warns(UserWarning, match=r"seen classes \[4\] have no image"):
+        res = extract_alphas(net, data)
+    assert torch.isnan(res["class_mean"][3]).all() and not torch.isnan(res["class_mean"][:3]).any()
+
+
+# ---- with the real ZSLData (niwt_nb.data, when present) ----------------------------------------------------------
+def test_with_zsldata_in_memory_and_files(tmp_path):
+    data_mod = pytest.importorskip("niwt_nb.data")
+    import dataclasses
+    from PIL import Image
+    d = data_mod.make_toy_data(n_cls=5, n_unseen=1, n_per_class=8, size=32)
+    net = build_model(ModelConfig(width=8), len(d.seen))
+    cfg = TrainConfig(epochs=1, bs=8, img_size=24)
+    net, hist = train_seen(net, d, cfg)
+    paths = []
+    for i in range(d.n_img):  # the same pixels as files, every other one 8 px larger: img_size makes them one size
+        s = 32 + 8 * (i % 2)
+        Image.fromarray(d.images[i].permute(1, 2, 0).numpy()).resize((s, s)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    f = dataclasses.replace(d, images=paths, meta={**d.meta, "image_root": str(tmp_path)})
+    with pytest.raises(NIWTInputError, match="different sizes"): predict(net, f, "test_seen", bs=4)
+    p_mem = predict(net, d, "test_seen", bs=4, img_size=24)
+    p_file = predict(net, f, "test_seen", bs=4, img_size=24)
+    assert p_mem["logits"].shape == (len(d.splits["test_seen"]), len(d.seen))
+    assert torch.equal(p_file["idx"], p_mem["idx"])
+    same = p_mem["idx"] % 2 == 0  # files of the original size hold exactly the in-memory pixels
+    assert same.any()
+    torch.testing.assert_close(p_file["logits"][same], p_mem["logits"][same])
+    res = extract_alphas(net, f, cfg=ImportanceConfig(bs=4, img_size=24))
+    assert res["alphas"].shape == (len(d.splits["trainval"]), 32) and torch.isfinite(res["alphas"]).all()
