@@ -14,7 +14,7 @@ from .core import Config, input_error, check_tensor, eval_mode
 # %% auto #0
 __all__ = ['Alpha2WConfig', 'importance_matrix', 'alpha2w_objective', 'fit_alpha2w', 'plot_alpha2w_history']
 
-# %% ../nbs/07_alpha2w.ipynb #4f1c7ba8
+# %% ../nbs/07_alpha2w.ipynb #3b6f8b5c
 _FEEDS, _METHODS = ("seen", "noise", "other"), ("fast", "reference")
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Alpha2WConfig(Config):
     patience: int = 100             # stop after this many steps without improving the best loss by min_delta
     min_delta: float = 1e-5         # absolute loss improvement that counts as progress
     feed: str = "seen"              # what the fed images are: 'seen' training images, 'noise' or 'other' (recorded only)
-    n_feed: int = 256               # how many images the caller should feed (recorded; the pipeline builds the tensor)
+    n_feed: int = 128               # how many images the caller should feed (recorded; the pipeline builds the tensor)
     bs: int = 64                    # images per forward pass ('fast') / per Adam step ('reference')
     method: str = "fast"            # 'fast': precompute G once; 'reference': double backward at every step
     chunk_mb: int = 256             # memory budget of one batched backward when computing G ('fast')
@@ -45,7 +45,7 @@ class Alpha2WConfig(Config):
         if self.init_std is not None and not self.init_std >= 0:
             raise input_error("init_std", f"must be None or >= 0, got {self.init_std}", "pass None to use the spread of the seen weights")
 
-# %% ../nbs/07_alpha2w.ipynb #1aff8d0e
+# %% ../nbs/07_alpha2w.ipynb #65882f9d
 @contextlib.contextmanager
 def _frozen(model: nn.Module):
     "Eval mode and `requires_grad=False` on every parameter, both restored on exit."
@@ -64,7 +64,7 @@ def _batch_G(model, A, chunk_mb):
     A = A.detach().requires_grad_(True)
     f = model.features(A)  # (B, D)
     B, D = f.shape
-    chunk = max(1, int(chunk_mb * 2**20 // (4 * A.numel())))
+    chunk = max(1, int(chunk_mb * 2**20 // (A.element_size() * A.numel())))  # basis vectors per batched backward
     cols = []
     for j in range(0, D, chunk):
         c = min(chunk, D - j)
@@ -72,6 +72,7 @@ def _batch_G(model, A, chunk_mb):
         go[torch.arange(c), :, j + torch.arange(c)] = 1  # basis vector e_{j+i} for every image
         try:
             g, = torch.autograd.grad(f, A, go, retain_graph=True, is_grads_batched=True)  # (c, B, K, h, w)
+        except torch.OutOfMemoryError: raise
         except RuntimeError:  # an op without a batching rule: one backward per feature instead
             g = torch.stack([torch.autograd.grad(f, A, o, retain_graph=True)[0] for o in go])
         cols.append(g.sum((1, 3, 4)))  # (c, K)
@@ -80,13 +81,19 @@ def _batch_G(model, A, chunk_mb):
 def importance_matrix(model: nn.Module, x: torch.Tensor, bs: int = 64, chunk_mb: int = 256) -> torch.Tensor:
     """`G` `(K, D)` such that the mean importances of head weights `W` `(n, D)` over images `x` `(N,3,H,W)` are
     `W @ G.T`: the mean over images of the spatially summed Jacobian of `model.features` w.r.t. `model.acts`."""
-    x = _check_feed(x)
+    _check_model(model); x = _check_feed(x)
+    for k, v in (("bs", bs), ("chunk_mb", chunk_mb)):
+        if not isinstance(v, int) or v < 1: raise input_error(k, f"must be a positive int, got {v!r}", f"pass e.g. {k}=64")
     dev, G = _device(model), 0.
     with _frozen(model):
         for i in range(0, len(x), bs):
             with torch.no_grad(): A = model.acts(x[i:i + bs].to(dev))  # (B, K, h, w)
             G = G + _batch_G(model, A, chunk_mb)
     return G / len(x)  # (K, D)
+
+def _check_model(model):
+    for a in ("acts", "features", "fc"):
+        if not hasattr(model, a): raise input_error("model", f"has no `{a}`", "pass a NIWTNet (acts(x) -> A, features(A) -> f, fc)")
 
 def _check_feed(feed_x):
     feed_x = check_tensor(feed_x, "feed_x", shape=(None, None, None, None))
@@ -110,11 +117,7 @@ def _reference_alpha(model, A, W, b):
     return torch.stack([torch.autograd.grad(logits[:, c].sum(), A, create_graph=True)[0].sum((2, 3)).mean(0)
                         for c in range(W.shape[0])])  # (n_new, K)
 
-# %% ../nbs/07_alpha2w.ipynb #2618e145
-def _check_model(model):
-    for a in ("acts", "features", "fc"):
-        if not hasattr(model, a): raise input_error("model", f"has no `{a}`", "pass a NIWTNet (acts(x) -> A, features(A) -> f, fc)")
-
+# %% ../nbs/07_alpha2w.ipynb #3b0c2c18
 def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None, cfg: Alpha2WConfig | None = None) -> dict:
     """New classifier rows for the frozen `model` whose importances over `feed_x` `(N,3,H,W)` match `alpha_target`
     `(n_new, K)`. `W_seen` `(n_seen, D)`, `b_seen` `(n_seen,)` default to `model.fc`. Returns a dict with `W` `(n_new, D)`,

@@ -50,7 +50,7 @@ def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, classes: torch.Tenso
         if len(out): raise input_error("y", f"has labels {out[:5].tolist()} outside `classes`", "evaluate each split against its own classes")
     return _per_class_mean(pred == y, y)
 
-# %% ../nbs/08_evaluate.ipynb #82e38409
+# %% ../nbs/08_evaluate.ipynb #3d7ac2b1
 def harmonic_mean(u: float, s: float) -> float:
     "`2us / (u + s)`, and 0 when `u + s == 0`."
     for nm, v in (("u", u), ("s", s)):
@@ -113,10 +113,8 @@ class GZSLProblem:
         return {"u": u, "s": s, "H": harmonic_mean(u, s)}
 
     def zsl(self) -> float:
-        "ZSL top-1: per-class accuracy on the unseen rows, choosing among unseen classes only."
-        cols = ~self.seen_cols
-        pred = self.col_classes[cols][self.scores[self.idx_unseen][:, cols].argmax(1)]
-        return per_class_accuracy(pred, self.y[self.idx_unseen])
+        "ZSL top-1: per-class accuracy on the unseen rows, choosing among unseen classes only (see `zsl_top1`)."
+        return zsl_top1(self.scores, self.y, self.col_classes, self.unseen, self.idx_unseen)
 
 # %% ../nbs/08_evaluate.ipynb #e81dd72e
 def gzsl_metrics(scores, y, col_classes, seen, unseen, idx_seen, idx_unseen) -> dict:

@@ -210,12 +210,13 @@ def _load_weights(model: nn.Module, fc: nn.Linear, sd: dict, cls_names: tuple, s
         return f"{src}; its classifier ({w.shape[0]} outputs) ignored, new fc for {fc.out_features} seen classes"
     return f"{src}; new fc for {fc.out_features} seen classes"
 
-# %% ../nbs/04_models.ipynb #17f90021
+# %% ../nbs/04_models.ipynb #bbcd8807
 def build_model(cfg: ModelConfig, n_seen: int) -> NIWTNet:
     "Build the `NIWTNet` described by `cfg` with a new `fc` for `n_seen` seen classes."
     if not isinstance(cfg, ModelConfig): raise input_error("cfg", f"expected a ModelConfig, got {type(cfg).__name__}", "pass ModelConfig(...)")
     if not isinstance(n_seen, int) or isinstance(n_seen, bool) or n_seen < 1:
         raise input_error("n_seen", f"expected a positive int, got {n_seen!r}", "pass len(data.seen)")
+    if cfg.backbone != "smallcnn": import_torchvision()  # never import a library for the first time inside `meta`
     with torch.device("meta"):  # a weightless copy first: layer errors come at once, even for VGG16
         full, stages, cls_names, D = _backbone(cfg, n_seen)
     name = cfg.layer if cfg.layer is not None else DEFAULT_LAYERS[cfg.backbone]

@@ -10,7 +10,13 @@ from niwt_nb.dom2alpha import Dom2AlphaConfig, fit_dom2alpha, spearman_rows, _cl
 from niwt_nb.alpha2w import (Alpha2WConfig, fit_alpha2w, importance_matrix, alpha2w_objective, _reference_alpha,
                              _frozen)
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    "Tiny tensors: extra threads only add overhead on a shared CPU. Restored after this module."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class TinyNet(nn.Module):
