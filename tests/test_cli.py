@@ -1,0 +1,53 @@
+"`niwt_run` as a user runs it: a subprocess on a tiny configuration, its outputs, and its bad-argument errors."
+import json, subprocess, sys
+from pathlib import Path
+import pytest
+
+BIN = Path(sys.executable).parent / "niwt_run"
+KEYS = {"u", "s", "H", "zsl_top1", "u_cal", "s_cal", "H_cal"}
+
+
+def run(*args, cwd=None):
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("semantic", ["attributes", "captions"])
+def test_quick_run_writes_metrics_and_report(tmp_path, semantic):
+    out = tmp_path / "run"
+    extra = ["--encoder", "tfidf"] if semantic == "captions" else []
+    p = run("--quick", "--quiet", "--out", str(out), "--cache", str(tmp_path / "c"), "--semantic", semantic, *extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"niwt", "eszsl", "sae", "dom2w"} <= set(m["methods"])
+    for name, row in m["methods"].items():
+        assert KEYS <= set(row), (name, row)
+        assert all(0 <= row[k] <= 1 for k in KEYS), (name, row)
+    assert m["config"]["semantic"] == semantic and m["config"]["seed"] == 0
+    assert {"seen_model", "alphas", "dom2alpha", "alpha2w", "total"} <= set(m["timings_s"])
+    rep = (out / "report.md").read_text()
+    assert "niwt" in rep and "gzsl.png" in rep
+    for png in ("gzsl.png", "training.png", "alphas.png", "alpha2w.png", "dom2alpha.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert "NIWT: u=" in p.stdout
+
+
+def test_rerun_resumes_from_cache(tmp_path):
+    args = ["--quick", "--quiet", "--cache", str(tmp_path / "c")]
+    a = run(*args, "--out", str(tmp_path / "a")); assert a.returncode == 0, a.stderr[-2000:]
+    b = run(*args, "--out", str(tmp_path / "b")); assert b.returncode == 0, b.stderr[-2000:]
+    ma, mb = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
+    assert ma["methods"] == mb["methods"]
+    assert all(mb["per_seed"][0]["cached"][k] for k in ("seen_model", "alphas", "dom2alpha", "alpha2w"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--backbone", "resnet17"], "resnet18"),
+    (["--semantic", "glove"], "semantic"),
+    (["--dataset", "cubb"], "dataset"),
+    (["--seeds", "0 x"], "--seeds"),
+    (["--weights", "/nonexistent/w.pt"], "weights"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, args, needle):
+    p = run("--quick", "--quiet", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), *args)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert needle in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
