@@ -20,7 +20,7 @@ from .evaluate import GZSLProblem, ValProblem, val_split, evaluate_gzsl, run_bas
 # %% auto #0
 __all__ = ['DATASETS', 'SEMANTICS', 'register_dataset', 'RunConfig', 'load_dataset', 'match_norm', 'Run', 'run_once', 'run_niwt']
 
-# %% ../nbs/11_pipeline.ipynb #a9293287
+# %% ../nbs/11_pipeline.ipynb #47828073
 DATASETS: dict = {}   # name -> loader(cfg: RunConfig) -> ZSLData; real benchmarks register here
 
 def register_dataset(name: str):
@@ -47,6 +47,7 @@ class RunConfig(Config):
     n_feed: int = 256                      # images fed to alpha2w (seen 'train' images, or noise)
     norm_match: bool = True                # rescale each new w_c to the mean seen-weight norm (see below); False = original
     baselines: tuple = ("eszsl", "sae", "dom2w")
+    explain: bool = True                   # score Grad-CAM / text / neuron names when the data has ground truth
     device: str | None = None
 
     def __post_init__(self):
@@ -85,7 +86,7 @@ def match_norm(W_new: torch.Tensor, W_seen: torch.Tensor) -> torch.Tensor:
     if (n == 0).any(): raise input_error("W_new", "has an all-zero row", "check the alpha2w result")
     return W_new / n * W_seen.norm(dim=1).mean()
 
-# %% ../nbs/11_pipeline.ipynb #e67d2564
+# %% ../nbs/11_pipeline.ipynb #283ee3de
 class Run:
     "State of one NIWT run: config, store, data, and the key and timing of every stage."
     def __init__(self, cfg: RunConfig, store: ArtifactStore | None = None, log=None):
@@ -271,6 +272,18 @@ class Run:
         self.baseline_metrics = out
         return out
 
+def _explain(self) -> dict | None:
+    "Explanation scores (niwt_nb.explain) when `cfg.explain` and the dataset has named attributes; else None."
+    self.explanations, self.explain_metrics = None, None
+    if not self.cfg.explain or self.d.attr_names is None or self.d.img_attrs is None or "attributes" not in self.d.dom:
+        return None
+    from niwt_nb.explain import collect_explanations
+    with self.stage("explain", hash_key(self.keys["alpha2w"], "explain")):
+        self.explanations = collect_explanations(self)
+        self.explain_metrics = self.explanations.metrics()
+    return self.explain_metrics
+Run.explain = _explain
+
 def _plain(o):
     "Tensors/numbers/containers -> JSON- and weights_only-friendly python values."
     if isinstance(o, torch.Tensor): return o.item() if o.numel() == 1 else o.tolist()
@@ -279,7 +292,7 @@ def _plain(o):
     if isinstance(o, float) and not math.isfinite(o): return None
     return o
 
-# %% ../nbs/11_pipeline.ipynb #a412c767
+# %% ../nbs/11_pipeline.ipynb #4ec17323
 _RENAME = {"zsl": "zsl_top1", "u_cs": "u_cal", "s_cs": "s_cal", "H_cs": "H_cal"}
 
 def _method_row(m: dict) -> dict:
@@ -289,14 +302,14 @@ def run_once(cfg: RunConfig, store: ArtifactStore | None = None, log=None) -> di
     "All stages for one seed; returns `{'methods', 'timings_s', 'cached', 'keys', 'extra'}` and keeps the `Run` as `['run']`."
     r = Run(cfg, store, log)
     r.data(); r.semantic(); r.seen_model(); r.alphas(); r.dom2alpha(); r.alpha2w(); r.features()
-    r.evaluate(); r.baselines()
+    r.evaluate(); r.baselines(); r.explain()
     methods = {**{k: _method_row(v) for k, v in r.niwt_metrics.items()}, **{k: _method_row(v) for k, v in r.baseline_metrics.items()}}
     h = r.train_hist
     extra = {"seen_val_acc_best": max(v for v in h["val_acc"] if v == v) if h["val_acc"] else None,
              "seen_epochs": len(h["val_acc"]), "dom2alpha": {k: r.d2a_report.get(k) for k in
              ("val_cos", "val_cos_class_mean", "val_spearman", "baseline_cos_class_mean", "best_epoch")},
              "alpha2w_steps": r.a2w["steps"], "alpha2w_mean_cos": float(r.a2w["cos"][:len(r.d.unseen)].mean()),
-             "weights": r.model.weights_desc, "encoder": r.encoder_name,
+             "weights": r.model.weights_desc, "encoder": r.encoder_name, "explain": r.explain_metrics,
              "baseline_params": {k: v["params"] for k, v in r.baseline_metrics.items()}}
     return {"methods": methods, "timings_s": r.timings, "cached": r.cached, "keys": r.keys, "extra": extra, "run": r}
 
@@ -319,9 +332,14 @@ def run_niwt(cfg: RunConfig | None = None, out: str | Path | None = None, seeds=
         keys = [k for k in rows[0] if all(isinstance(x.get(k), (int, float)) for x in rows)]
         ms = mean_std([{k: x[k] for k in keys} for x in rows])
         methods[m] = {k: ms[k][0] for k in keys}; std[m] = {k: ms[k][1] for k in keys}
+    ex = [r["extra"]["explain"] for r in runs if r["extra"]["explain"]]
+    explain = None
+    if ex:
+        keys = [k for k in ex[0] if all(isinstance(e.get(k), (int, float)) for e in ex)]
+        explain = {k: mean_std([{k: e[k]} for e in ex])[k][0] for k in keys}
     timings = {k: round(sum(r["timings_s"].get(k, 0) for r in runs), 3) for k in runs[0]["timings_s"]}
     timings["total"] = round(time.time() - t0, 3)
-    metrics = {"methods": methods, "std": std, "seeds": seeds, "config": cfg.to_dict(), "timings_s": timings,
+    metrics = {"methods": methods, "std": std, "explain": explain, "seeds": seeds, "config": cfg.to_dict(), "timings_s": timings,
                "per_seed": [{k: r[k] for k in ("methods", "timings_s", "cached", "keys", "extra")} | {"seed": s}
                             for s, r in zip(seeds, runs)],
                "versions": {"niwt_nb": package_version(), "torch": torch.__version__, "python": platform.python_version()},

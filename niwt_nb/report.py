@@ -30,7 +30,7 @@ def plot_training(history: dict, ax=None):
     ax.set_title("seen-class fine-tuning", fontsize=9)
     return ax
 
-# %% ../nbs/10_report.ipynb #c6d790fb
+# %% ../nbs/10_report.ipynb #06aae381
 def _fmt(m: dict, s: dict | None, k: str) -> str:
     v = m.get(k)
     if v is None: return "–"
@@ -70,6 +70,20 @@ def write_report(metrics: dict, run, out: str | Path) -> Path:
                                                                                      tp.unseen, tp.idx_seen, tp.idx_unseen)}, ax=ax), (3.5, 3.5))
     names = [run.d.classes[int(c)] for c in run.A["class_ids"]]
     save("alphas.png", lambda ax: plot_alphas(run.A["class_mean"], names, ax=ax), (7, 5))
+    exp_md = []
+    if getattr(run, "explanations", None) is not None:
+        from niwt_nb.explain import plot_explanations
+        for name, fig in plot_explanations(run.explanations).items():
+            fig.savefig(out / f"explain_{name}.png", dpi=100, bbox_inches="tight"); plt.close(fig)
+            exp_md += [f"![{name}](explain_{name}.png)", ""]
+        e = metrics.get("explain") or {}
+        row = lambda k: f"{e[k]:.3f}" if isinstance(e.get(k), (int, float)) else "–"
+        exp_md = ["## Explanations (scored against Shapes ground truth)", "",
+                  "| score | NIWT | baseline |", "|---|---|---|",
+                  f"| pointing game (unseen classes) | {row('pointing_game')} | centred blob {row('pointing_game_center')} |",
+                  f"| text precision@5 | {row('text_precision')} | random attributes {row('text_precision_random')} |",
+                  f"| neuron-name AUROC | {row('naming_auroc')} | random names {row('naming_auroc_random')}, oracle {row('naming_auroc_oracle')} |",
+                  "", *exp_md]
     c, t, ex = metrics["config"], metrics["timings_s"], metrics["per_seed"][-1]["extra"]
     md = [f"# NIWT run: {c['dataset']} / {c['semantic']} / {c['model']['backbone']}", "",
           f"Seeds {metrics['seeds']}; weights: {ex['weights']}; text encoder: {ex['encoder']}; "
@@ -85,7 +99,7 @@ def write_report(metrics: dict, run, out: str | Path) -> Path:
           f"{ex['dom2alpha']['val_spearman']:.3f}.", "", "![dom2alpha](dom2alpha.png)", "",
           f"alpha2w: {ex['alpha2w_steps']} Adam steps, mean cosine {ex['alpha2w_mean_cos']:.3f} between the new "
           "classifiers' importances and their targets.", "", "![alpha2w](alpha2w.png)", "",
-          "![seen-unseen curve](seen_unseen.png)", "", "## Class-mean importances (seen classes)", "", "![alphas](alphas.png)", ""]
+          "![seen-unseen curve](seen_unseen.png)", "", "## Class-mean importances (seen classes)", "", "![alphas](alphas.png)", "", *exp_md]
     p = out / "report.md"
     atomic_write_text(p, "\n".join(md))
     return p
