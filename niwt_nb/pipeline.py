@@ -18,9 +18,10 @@ from .alpha2w import Alpha2WConfig, fit_alpha2w
 from .evaluate import GZSLProblem, ValProblem, val_split, evaluate_gzsl, run_baselines, mean_std
 
 # %% auto #0
-__all__ = ['DATASETS', 'SEMANTICS', 'register_dataset', 'RunConfig', 'load_dataset', 'match_norm', 'Run', 'run_once', 'run_niwt']
+__all__ = ['DATASETS', 'SEMANTICS', 'BUNDLE_VERSION', 'register_dataset', 'build_any_model', 'RunConfig', 'load_dataset',
+           'match_norm', 'Run', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
 
-# %% ../nbs/11_pipeline.ipynb #47828073
+# %% ../nbs/11_pipeline.ipynb #2a4abbc5
 DATASETS: dict = {}   # name -> loader(cfg: RunConfig) -> ZSLData; real benchmarks register here
 
 def register_dataset(name: str):
@@ -28,7 +29,16 @@ def register_dataset(name: str):
     def deco(fn): DATASETS[name] = fn; return fn
     return deco
 
-SEMANTICS = ("attributes", "captions")
+SEMANTICS = ("attributes", "captions", "sent", "attributes_raw", "attributes_binary")
+# real benchmarks live in their own modules and register on import
+_LAZY = {"cub": "niwt_nb.cub", "awa2": "niwt_nb.awa2", "cub_res101": "niwt_nb.features", "awa2_res101": "niwt_nb.features"}
+
+def build_any_model(model_cfg, n_seen: int):
+    "`build_model` for image backbones, `build_feature_model` for precomputed features (`FeatureModelConfig`)."
+    if type(model_cfg).__name__ == "FeatureModelConfig":
+        from niwt_nb.features import build_feature_model
+        return build_feature_model(model_cfg, n_seen)
+    return build_model(model_cfg, n_seen=n_seen)
 
 @dataclass(frozen=True)
 class RunConfig(Config):
@@ -48,6 +58,8 @@ class RunConfig(Config):
     norm_match: bool = True                # rescale each new w_c to the mean seen-weight norm (see below); False = original
     baselines: tuple = ("eszsl", "sae", "dom2w")
     explain: bool = True                   # score Grad-CAM / text / neuron names when the data has ground truth
+    present_only: bool = False             # real benchmarks: keep only the classes whose images are all on disk
+    img_size: int | None = None            # real benchmarks: decode images once to img_size x img_size (None = loader default)
     device: str | None = None
 
     def __post_init__(self):
@@ -58,22 +70,44 @@ class RunConfig(Config):
         if not isinstance(self.n_feed, int) or self.n_feed < 1:
             raise input_error("n_feed", f"expected a positive int, got {self.n_feed!r}", "pass e.g. n_feed=256")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        "Rebuild a `RunConfig` from `to_dict()` output (e.g. the `config` of metrics.json)."
+        if not isinstance(d, dict): raise input_error("d", f"expected a dict, got {type(d).__name__}", "pass RunConfig.to_dict() output")
+        d = dict(d)
+        sub = {"model": ModelConfig, "train": TrainConfig, "importance": ImportanceConfig, "dom2alpha": Dom2AlphaConfig,
+               "alpha2w": Alpha2WConfig}
+        if isinstance(d.get("model"), dict) and "in_features" in d["model"]:
+            from niwt_nb.features import FeatureModelConfig
+            sub["model"] = FeatureModelConfig
+        for k, C in sub.items():
+            if isinstance(d.get(k), dict): d[k] = C(**d[k])
+        if isinstance(d.get("shapes"), dict):
+            from niwt_nb.shapes import ShapesConfig
+            d["shapes"] = ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["shapes"].items()})
+        if isinstance(d.get("baselines"), list): d["baselines"] = tuple(d["baselines"])
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown: raise input_error("d", f"unknown RunConfig fields {sorted(unknown)} (written by another version?)", "rerun niwt_run with this version")
+        return cls(**d)
+
     def seeded(self) -> "RunConfig":
         "This config with `seed` pushed into every stage config."
         s = self.seed
         return dataclasses.replace(self, model=self.model.replace(seed=s), train=self.train.replace(seed=s),
                                    dom2alpha=self.dom2alpha.replace(seed=s), alpha2w=self.alpha2w.replace(seed=s))
 
-# %% ../nbs/11_pipeline.ipynb #f85f9fcf
+# %% ../nbs/11_pipeline.ipynb #95ba043c
 def load_dataset(cfg: RunConfig) -> ZSLData:
     "The `ZSLData` named by `cfg.dataset` (validated)."
     if cfg.dataset == "shapes":
         from niwt_nb.shapes import ShapesConfig, make_shapes
         sc = cfg.shapes if cfg.shapes is not None else ShapesConfig()
         return make_shapes(sc)
+    if cfg.dataset not in DATASETS and cfg.dataset in _LAZY:
+        import importlib; importlib.import_module(_LAZY[cfg.dataset])   # registers itself
     if cfg.dataset not in DATASETS:
         import difflib
-        names = ["shapes", *DATASETS]
+        names = ["shapes", *sorted(set(DATASETS) | set(_LAZY))]
         close = difflib.get_close_matches(cfg.dataset, names, n=3, cutoff=0.4)
         raise input_error("dataset", f"unknown dataset {cfg.dataset!r}" + (f" (close: {close})" if close else ""),
                           f"use one of {names}")
@@ -86,7 +120,7 @@ def match_norm(W_new: torch.Tensor, W_seen: torch.Tensor) -> torch.Tensor:
     if (n == 0).any(): raise input_error("W_new", "has an all-zero row", "check the alpha2w result")
     return W_new / n * W_seen.norm(dim=1).mean()
 
-# %% ../nbs/11_pipeline.ipynb #283ee3de
+# %% ../nbs/11_pipeline.ipynb #58125947
 class Run:
     "State of one NIWT run: config, store, data, and the key and timing of every stage."
     def __init__(self, cfg: RunConfig, store: ArtifactStore | None = None, log=None):
@@ -121,6 +155,11 @@ class Run:
             def compute():
                 from niwt_nb.semantic import add_semantic, get_text_encoder
                 enc = None
+                if cfg.semantic not in ("attributes", "captions"):      # precomputed domain vectors of a real benchmark
+                    if cfg.semantic not in d.dom:
+                        raise input_error("semantic", f"dataset {d.name!r} has no {cfg.semantic!r} vectors (it has {sorted(d.dom)})",
+                                          "pick one of those, or 'captions' when the dataset has captions")
+                    return {"dom": d.dom[cfg.semantic].float(), "encoder": "precomputed"}
                 if cfg.semantic == "captions":
                     corpus = [t for c in sorted(d.captions or {}) for t in d.captions[c]]
                     enc = get_text_encoder(cfg.encoder, corpus=corpus)
@@ -135,7 +174,7 @@ class Run:
         cfg, d = self.cfg, self.d
         key = hash_key(self.keys["data"], cfg.model, cfg.train)
         with self.stage("seen_model", key):
-            model = build_model(cfg.model, n_seen=len(d.seen))
+            model = build_any_model(cfg.model, len(d.seen))
             if self.store.exists("seen_model", key):
                 art = self.store.load("seen_model", key)
                 model.load_state_dict(art["state"]); hist = art["history"]
@@ -168,9 +207,12 @@ class Run:
             else:
                 net, rep = fit_dom2alpha(self.dom, self.A["alphas"], self.A["labels"], train_classes, d.val_classes, cfg.dom2alpha)
                 with torch.no_grad(): pred = net(self.dom)          # (n_cls, K) predicted alphas for every class
-                art = {"pred": pred, "report": _plain(rep)}
+                art = {"pred": pred, "report": _plain(rep), "state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                       "d": int(self.dom.shape[1]), "K": int(pred.shape[1])}
                 self.store.save("dom2alpha", key, art, config=cfg.dom2alpha)
         self.alpha_pred, self.d2a_report = art["pred"], art["report"]
+        self.d2a = Dom2Alpha(art["d"], art["K"], cfg.dom2alpha)
+        self.d2a.load_state_dict(art["state"]); self.d2a.eval()
         return self.alpha_pred
 
     # -- alpha2w ---------------------------------------------------------------
@@ -180,13 +222,14 @@ class Run:
         g = torch.Generator().manual_seed(cfg.seed)
         if cfg.alpha2w.feed == "noise":
             x0 = d.image(int(d.splits["train"][0]))
-            return torch.rand(cfg.n_feed, *x0.shape, generator=g)
+            return torch.rand(cfg.n_feed, *x0.shape, generator=g)   # uniform noise images (features: uniform vectors)
         if cfg.alpha2w.feed == "other":
             raise input_error("alpha2w.feed", "'other' images must be passed to `fit_alpha2w` directly",
                               "use feed='seen' or 'noise' in a run, or call fit_alpha2w yourself")
         tr = d.splits["train"]
         pick = tr[torch.randperm(len(tr), generator=g)[:cfg.n_feed]]
-        return torch.stack([d.image(int(i)) for i in pick]).float() / 255
+        x = torch.stack([d.image(int(i)) for i in pick])
+        return x.float() / 255 if x.dtype == torch.uint8 else x.float()   # images are uint8; precomputed features float
 
     def alpha2w(self):
         cfg, d = self.cfg, self.d
@@ -292,7 +335,62 @@ def _plain(o):
     if isinstance(o, float) and not math.isfinite(o): return None
     return o
 
-# %% ../nbs/11_pipeline.ipynb #4ec17323
+# %% ../nbs/11_pipeline.ipynb #301f75b3
+BUNDLE_VERSION = 1
+
+def save_bundle(run: Run, out: str | Path) -> Path:
+    "Write `out/bundle.pt` (tensors and plain values only) for a finished `Run`."
+    from niwt_nb.core import atomic_torch_save
+    a = run.a2w
+    obj = {"bundle_version": BUNDLE_VERSION, "niwt_nb": package_version(),
+           "config": json.dumps(run.cfg.to_dict()), "data_fingerprint": run.keys["data"],
+           "model_state": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+           "W_unseen": a["W_unseen"], "b_unseen": a["b_unseen"],
+           "W_unseen_used": match_norm(a["W_unseen"], run.model.fc.weight.detach().cpu()) if run.cfg.norm_match else a["W_unseen"],
+           "d2a_state": {k: v.detach().cpu() for k, v in run.d2a.state_dict().items()}, "d2a_dims": [run.d2a.d, run.d2a.K],
+           "dom": run.dom, "alpha_pred": run.alpha_pred, "encoder": run.encoder_name}
+    p = Path(out) / "bundle.pt"
+    atomic_torch_save(obj, p)
+    return p
+
+class Bundle:
+    "A finished run loaded from `bundle.pt`: `cfg`, `d` (data), `model`, `W_seen`, `b_seen`, `W_unseen`, `b_unseen`, `d2a`, `dom`."
+    def __init__(self, out: str | Path):
+        p = Path(out) / "bundle.pt"
+        if not p.exists(): raise input_error("out", f"{p} does not exist", "pass the --out folder of a finished niwt_run")
+        b = torch.load(p, map_location="cpu", weights_only=True)
+        if b.get("bundle_version") != BUNDLE_VERSION:
+            raise input_error("out", f"{p} has bundle version {b.get('bundle_version')}, this niwt_nb reads {BUNDLE_VERSION}",
+                              "rerun niwt_run with this version of niwt_nb")
+        self.cfg = RunConfig.from_dict(json.loads(b["config"]))
+        self.d = load_dataset(self.cfg)
+        if self.d.fingerprint() != b["data_fingerprint"]:
+            raise input_error("out", "the dataset on this machine differs from the one the run used",
+                              "point --root/NIWT_DATA at the same data, or rerun niwt_run")
+        mc = self.cfg.model.replace(weights="random") if hasattr(self.cfg.model, "weights") else self.cfg.model
+        self.model = build_any_model(mc, len(self.d.seen))
+        self.model.load_state_dict(b["model_state"]); self.model.eval()
+        self.W_seen, self.b_seen = self.model.fc.weight.detach(), self.model.fc.bias.detach()
+        self.W_unseen, self.b_unseen = b["W_unseen_used"], b["b_unseen"]
+        self.d2a = Dom2Alpha(*b["d2a_dims"], self.cfg.dom2alpha); self.d2a.load_state_dict(b["d2a_state"]); self.d2a.eval()
+        self.dom, self.alpha_pred, self.encoder_name = b["dom"], b["alpha_pred"], b["encoder"]
+
+    @property
+    def classes_order(self) -> torch.Tensor:
+        "Class ids of the GZSL score columns `[seen ; unseen]`."
+        return torch.cat([self.d.seen, self.d.unseen])
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        "GZSL scores `(B, n_cls)` of images `x` over `[seen ; unseen]` columns."
+        with torch.no_grad(), eval_mode(self.model):
+            f = self.model.features(self.model.acts(x))
+        return gzsl_logits(f, torch.cat([self.W_seen, self.W_unseen]), torch.cat([self.b_seen, self.b_unseen]))
+
+def load_bundle(out: str | Path) -> Bundle:
+    "Load the `bundle.pt` of a `niwt_run` output folder."
+    return Bundle(out)
+
+# %% ../nbs/11_pipeline.ipynb #356be4be
 _RENAME = {"zsl": "zsl_top1", "u_cs": "u_cal", "s_cs": "s_cal", "H_cs": "H_cal"}
 
 def _method_row(m: dict) -> dict:
@@ -348,6 +446,7 @@ def run_niwt(cfg: RunConfig | None = None, out: str | Path | None = None, seeds=
     if out is not None:
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+        save_bundle(runs[-1]["run"], out)
         if report:
             from niwt_nb.report import write_report
             write_report(metrics, runs[-1]["run"], out)
