@@ -51,3 +51,31 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, args, needle):
     p = run("--quick", "--quiet", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), *args)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert needle in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_feature_level_run_on_a_generated_res101_mat(tmp_path):
+    "`niwt_run --features` on a tiny xlsa17-style res101.mat written here (works on any clone)."
+    from niwt_nb.features import make_fake_xlsa17_features
+    make_fake_xlsa17_features(tmp_path / "x" / "CUB", n_cls=10, unseen=(1, 4, 7), per_class=10, K=2048, n_attr=8)
+    p = run("--dataset", "cub", "--features", "--root", str(tmp_path / "x"), "--epochs", "2", "--quiet",
+            "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["config"]["dataset"] == "cub_res101" and m["config"]["model"]["in_features"] == 2048
+    assert all(0 <= m["methods"]["niwt"][k] <= 1 for k in KEYS)
+
+
+def test_present_only_cub_run_on_shared_data(shared_data, tmp_path):
+    "`niwt_run --dataset cub --present-only` on the partial CUB in ../shared/data (classes 001-010)."
+    p = run("--dataset", "cub", "--root", str(shared_data / "cub"), "--present-only", "--img-size", "32", "--epochs", "1",
+            "--quiet", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["config"]["present_only"] is True and m["config"]["dataset"] == "cub"
+    assert "niwt" in m["methods"]
+
+
+def test_missing_cub_images_is_a_clear_error_without_present_only(shared_data, tmp_path):
+    p = run("--dataset", "cub", "--root", str(shared_data / "cub"), "--quiet", "--out", str(tmp_path / "o"),
+            "--cache", str(tmp_path / "c"))
+    assert p.returncode == 2 and "missing" in p.stderr and "present" in p.stderr, p.stderr[-2000:]
