@@ -18,10 +18,10 @@ from .alpha2w import Alpha2WConfig, fit_alpha2w
 from .evaluate import GZSLProblem, ValProblem, val_split, evaluate_gzsl, run_baselines, mean_std
 
 # %% auto #0
-__all__ = ['DATASETS', 'SEMANTICS', 'BUNDLE_VERSION', 'register_dataset', 'build_any_model', 'RunConfig', 'load_dataset',
-           'match_norm', 'Run', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
+__all__ = ['DATASETS', 'SEMANTICS', 'ARTIFACT_FORMAT', 'BUNDLE_VERSION', 'register_dataset', 'build_any_model', 'RunConfig',
+           'load_dataset', 'match_norm', 'Run', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
 
-# %% ../nbs/11_pipeline.ipynb #2a4abbc5
+# %% ../nbs/11_pipeline.ipynb #ea122f92
 DATASETS: dict = {}   # name -> loader(cfg: RunConfig) -> ZSLData; real benchmarks register here
 
 def register_dataset(name: str):
@@ -30,6 +30,7 @@ def register_dataset(name: str):
     return deco
 
 SEMANTICS = ("attributes", "captions", "sent", "attributes_raw", "attributes_binary")
+ARTIFACT_FORMAT = 2   # bump whenever a stage's stored content changes: older caches are then simply not reused
 # real benchmarks live in their own modules and register on import
 _LAZY = {"cub": "niwt_nb.cub", "awa2": "niwt_nb.awa2", "cub_res101": "niwt_nb.features", "awa2_res101": "niwt_nb.features"}
 
@@ -120,7 +121,7 @@ def match_norm(W_new: torch.Tensor, W_seen: torch.Tensor) -> torch.Tensor:
     if (n == 0).any(): raise input_error("W_new", "has an all-zero row", "check the alpha2w result")
     return W_new / n * W_seen.norm(dim=1).mean()
 
-# %% ../nbs/11_pipeline.ipynb #58125947
+# %% ../nbs/11_pipeline.ipynb #2f5c5a54
 class Run:
     "State of one NIWT run: config, store, data, and the key and timing of every stage."
     def __init__(self, cfg: RunConfig, store: ArtifactStore | None = None, log=None):
@@ -132,12 +133,13 @@ class Run:
 
     @contextlib.contextmanager
     def stage(self, name: str, key: str):
-        "Time a stage and record whether it came from the cache."
+        "Time a stage and record whether it came from the cache (the key includes the artifact format version)."
+        key = hash_key(key, ARTIFACT_FORMAT)
         self.keys[name] = key
         self.cached[name] = self.store.exists(name, key)
         self.log(f"[{name}] {'cached' if self.cached[name] else 'running'} (key {key})")
         t0 = time.time()
-        try: yield
+        try: yield key
         finally: self.timings[name] = round(time.time() - t0, 3)
 
     # -- data and semantics ------------------------------------------------
@@ -151,7 +153,7 @@ class Run:
     def semantic(self) -> torch.Tensor:
         cfg, d = self.cfg, self.d
         key = hash_key(self.keys["data"], cfg.semantic, cfg.encoder if cfg.semantic == "captions" else None)
-        with self.stage("semantic", key):
+        with self.stage("semantic", key) as key:
             def compute():
                 from niwt_nb.semantic import add_semantic, get_text_encoder
                 enc = None
@@ -173,7 +175,7 @@ class Run:
     def seen_model(self):
         cfg, d = self.cfg, self.d
         key = hash_key(self.keys["data"], cfg.model, cfg.train)
-        with self.stage("seen_model", key):
+        with self.stage("seen_model", key) as key:
             model = build_any_model(cfg.model, len(d.seen))
             if self.store.exists("seen_model", key):
                 art = self.store.load("seen_model", key)
@@ -189,7 +191,7 @@ class Run:
 
     def alphas(self) -> dict:
         key = hash_key(self.keys["seen_model"], self.cfg.importance)
-        with self.stage("alphas", key):
+        with self.stage("alphas", key) as key:
             def compute():
                 r = extract_alphas(self.model, self.d, "trainval", self.cfg.importance, device=self.dev)
                 return {k: r[k] for k in ("alphas", "labels", "idx", "class_ids", "class_mean")}
@@ -201,7 +203,7 @@ class Run:
         cfg, d = self.cfg, self.d
         key = hash_key(self.keys["alphas"], self.keys["semantic"], cfg.dom2alpha)
         train_classes = d.seen[~torch.isin(d.seen, d.val_classes)]
-        with self.stage("dom2alpha", key):
+        with self.stage("dom2alpha", key) as key:
             if self.store.exists("dom2alpha", key):
                 art = self.store.load("dom2alpha", key)
             else:
@@ -234,7 +236,7 @@ class Run:
     def alpha2w(self):
         cfg, d = self.cfg, self.d
         key = hash_key(self.keys["dom2alpha"], self.keys["seen_model"], cfg.alpha2w, cfg.n_feed)
-        with self.stage("alpha2w", key):
+        with self.stage("alpha2w", key) as key:
             if self.store.exists("alpha2w", key):
                 art = self.store.load("alpha2w", key)
             else:
@@ -254,7 +256,7 @@ class Run:
     # -- evaluation ------------------------------------------------------------
     def features(self) -> dict:
         key = self.keys["seen_model"]
-        with self.stage("features", key):
+        with self.stage("features", key) as key:
             def compute():
                 return {s: {k: v for k, v in predict(self.model, self.d, s, device=self.dev).items() if k != "logits"}
                         for s in ("train", "val", "test_seen", "test_unseen")}
