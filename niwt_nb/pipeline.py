@@ -121,7 +121,7 @@ def match_norm(W_new: torch.Tensor, W_seen: torch.Tensor) -> torch.Tensor:
     if (n == 0).any(): raise input_error("W_new", "has an all-zero row", "check the alpha2w result")
     return W_new / n * W_seen.norm(dim=1).mean()
 
-# %% ../nbs/11_pipeline.ipynb #2f5c5a54
+# %% ../nbs/11_pipeline.ipynb #912bb6dd
 class Run:
     "State of one NIWT run: config, store, data, and the key and timing of every stage."
     def __init__(self, cfg: RunConfig, store: ArtifactStore | None = None, log=None):
@@ -309,9 +309,15 @@ class Run:
         with self.stage("baselines", hash_key(self.keys["seen_model"], self.keys["semantic"], cfg.baselines)):
             if cfg.baselines:
                 X = {s: F[s]["features"] for s in F}; Y = {s: F[s]["labels"] for s in F}
-                res = run_baselines(X, Y, self.dom, d.seen, d.unseen, d.val_classes,
-                                    self.model.fc.weight.detach().cpu(), self.model.fc.bias.detach().cpu(),
-                                    methods=list(cfg.baselines))
+                # scipy's BLAS threads oversubscribe small machines (SAE's Sylvester solves ran 60x slower): cap them
+                try:
+                    from threadpoolctl import threadpool_limits
+                    limit = threadpool_limits(limits=max(1, (os.cpu_count() or 2) // 2), user_api="blas")
+                except ImportError: limit = contextlib.nullcontext()
+                with limit:
+                    res = run_baselines(X, Y, self.dom, d.seen, d.unseen, d.val_classes,
+                                        self.model.fc.weight.detach().cpu(), self.model.fc.bias.detach().cpu(),
+                                        methods=list(cfg.baselines))
                 for name, r in res.items():
                     out[name] = {**evaluate_gzsl(r.test, r.val), "params": _plain(r.params)}
         self.baseline_metrics = out

@@ -55,3 +55,18 @@ def test_notebooks_are_clean(tmp_path):
     subprocess.run([str(exe)], cwd=dst, check=True, capture_output=True)
     changed = [str(p.relative_to(dst)) for p in before if p.read_text() != before[p]]
     assert not changed, f"notebooks not clean: {changed}: run `make export` (nbdev_clean) and commit"
+
+
+def test_readme_is_generated_from_index():
+    "README.md is rendered from nbs/index.ipynb (tools/make_readme.py); it must not drift."
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_readme.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    "`.ci/run` must call exactly the README's test command (`make test`), nothing weaker."
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme and ci[-1].strip() == "make test"
+    mk = (ROOT / "Makefile").read_text()
+    assert "-m pytest tests" in mk.split("\ntest:")[1].split("\n\n")[0]

@@ -1,0 +1,141 @@
+"""The docs site without Quarto (the deploy workflow builds the real one): the sidebar lists every notebook, every
+notebook renders to HTML with nbconvert and shows no traceback, the pages with widgets are executed in a real kernel
+(like `jupyter nbconvert --execute`) and their widget state is saved, survives `nbdev_clean` and is embedded in the
+HTML. The other notebooks are executed by tests/test_notebooks.py."""
+import configparser, copy, json
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / "nbs"
+CFG = configparser.ConfigParser(); CFG.read(ROOT / "settings.ini")
+SKIP_FLAGS = CFG["DEFAULT"].get("tst_flags", "").split()
+STATE = "application/vnd.jupyter.widget-state+json"
+VIEW = "application/vnd.jupyter.widget-view+json"
+EXECUTED = ["index.ipynb", "explanation.ipynb", "14_widgets.ipynb"]   # cheap pages, and the ones with widgets
+
+pytestmark = pytest.mark.xdist_group("docs")
+
+
+def _notebooks():
+    return sorted(str(p.relative_to(NBS)) for p in NBS.rglob("*.ipynb")
+                  if not any(part.startswith(("_", ".")) for part in p.relative_to(NBS).parts))
+
+
+def _sidebar_entries(contents):
+    "Every page of a Quarto sidebar `contents` list (strings, or sections with `contents` and an optional `href`)."
+    out = []
+    for e in contents:
+        if isinstance(e, str): out.append(e)
+        elif isinstance(e, dict):
+            if "href" in e: out.append(e["href"])
+            out += _sidebar_entries(e.get("contents", []))
+    return out
+
+
+def _read(rel):
+    import nbformat
+    return nbformat.read(NBS / rel, as_version=4)
+
+
+def _html(nb) -> str:
+    from nbconvert import HTMLExporter
+    return HTMLExporter().from_notebook_node(nb)[0]
+
+
+def _clean(nb):
+    "nbdev_clean's transformation, with this repository's settings."
+    from nbdev.clean import clean_nb
+    d = CFG["DEFAULT"]
+    clean_nb(nb, d.getboolean("clear_all", False), d.get("allowed_metadata_keys", "").split(),
+             d.get("allowed_cell_metadata_keys", "").split(), d.getboolean("clean_ids", True))
+    return nb
+
+
+def _title(nb) -> str:
+    first = next(c for c in nb.cells if c.cell_type == "markdown")
+    return next(l for l in first.source.splitlines() if l.startswith("# "))[2:].strip()
+
+
+# -- site structure -----------------------------------------------------------------------------------------------
+def test_sidebar_lists_every_notebook_once_and_nothing_else():
+    import yaml
+    side = yaml.safe_load((NBS / "sidebar.yml").read_text())
+    listed = _sidebar_entries(side["website"]["sidebar"]["contents"])
+    assert sorted(e for e in set(listed) if listed.count(e) > 1) == [], "listed twice"
+    assert sorted(set(_notebooks()) - set(listed)) == [], "notebooks missing from nbs/sidebar.yml"
+    assert sorted(e for e in listed if not (NBS / e).exists()) == [], "sidebar entries without a notebook"
+    assert listed[:2] == ["index.ipynb", "explanation.ipynb"]
+
+
+def test_quarto_config_reads_the_sidebar_and_settings_keep_it():
+    import yaml
+    q = yaml.safe_load((NBS / "_quarto.yml").read_text())
+    assert q["project"]["type"] == "website" and "sidebar.yml" in q["metadata-files"]
+    # with custom_sidebar = False, nbdev_docs regenerates nbs/sidebar.yml from the file names (losing its sections)
+    assert CFG["DEFAULT"].getboolean("custom_sidebar"), "settings.ini: set `custom_sidebar = True` to keep nbs/sidebar.yml"
+
+
+# -- every page renders -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rel", _notebooks())
+def test_notebook_renders_to_html_without_tracebacks(rel):
+    nb = _read(rel)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{rel} has saved error outputs: {[o.get('ename') for o in errors]}"
+    html = _html(nb)
+    import html as h
+    assert h.escape(_title(nb), quote=False) in html, f"{rel}: title missing from the HTML"
+
+
+def test_published_explanation_page_carries_its_widget_state():
+    "The committed page has saved state for every widget view it shows: that is what Quarto renders."
+    nb = _read("explanation.ipynb")
+    _check_widgets(nb, min_images=2)
+    before = json.dumps(nb.metadata["widgets"], sort_keys=True)
+    assert json.dumps(_clean(copy.deepcopy(nb)).metadata["widgets"], sort_keys=True) == before   # nbdev_clean keeps it
+
+
+def _check_widgets(nb, min_images: int):
+    state = nb.metadata.get("widgets", {}).get(STATE, {}).get("state")
+    assert state, "no widget state in the notebook metadata"
+    views = [o["data"][VIEW]["model_id"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if VIEW in o.get("data", {})]
+    assert views, "no widget is displayed"
+    assert all(v in state for v in views), "a displayed widget has no saved state"
+    pngs = [b for m in state.values() if m["model_name"] == "ImageModel" for b in m.get("buffers", [])]
+    assert len(pngs) >= min_images and all(len(b["data"]) > 1000 for b in pngs)
+    html = _html(nb)
+    assert STATE in html and all(v in html for v in views)
+    return state
+
+
+# -- executing the pages with widgets, as the docs are regenerated --------------------------------------------------
+def _runnable(nb):
+    "Drop cells the test suite skips (nbdev's tst_flags) and `nbdev_export` calls, like nbdev_test does."
+    from nbdev.process import extract_directives
+    keep = []
+    for c in nb.cells:
+        if c.cell_type == "code":
+            if "nbdev_export" in c.source: continue
+            if set(extract_directives(copy.deepcopy(c), remove=False)) & set(SKIP_FLAGS): continue
+        keep.append(c)
+    nb.cells = keep
+    return nb
+
+
+@pytest.mark.parametrize("rel", EXECUTED)
+def test_page_executes_in_a_kernel_and_keeps_widget_state_through_nbdev_clean(rel, monkeypatch):
+    from nbclient import NotebookClient
+    monkeypatch.delenv("NIWT_EXPLORER_RUN", raising=False)                     # the explanation page makes its small run
+    nb = _runnable(_read(rel))
+    nb.metadata.pop("widgets", None)
+    for c in nb.cells:
+        if c.cell_type == "code": c.outputs = []
+    NotebookClient(nb, timeout=300, kernel_name="python3", store_widget_state=True,
+                   resources={"metadata": {"path": str((NBS / rel).parent)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors
+    if rel == "index.ipynb":
+        assert _title(nb) in _html(nb); return
+    state = _check_widgets(_clean(nb), min_images=2)                          # what `make export` leaves in the file
+    assert any(m["model_name"] == "DropdownModel" and "niwt-class-select" in m["state"].get("_dom_classes", []) for m in state.values())
