@@ -46,16 +46,7 @@ class Alpha2WConfig(Config):
             raise input_error("init_std", f"must be None or >= 0, got {self.init_std}", "pass None to use the spread of the seen weights")
 
 # %% ../nbs/07_alpha2w.ipynb #65882f9d
-@contextlib.contextmanager
-def _frozen(model: nn.Module):
-    "Eval mode and `requires_grad=False` on every parameter, both restored on exit."
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        with eval_mode(model):
-            for p, _ in flags: p.requires_grad_(False)
-            yield model
-    finally:
-        for p, r in flags: p.requires_grad_(r)
+from .engine import frozen as _frozen  # eval mode + no parameter gradients, both restored on exit
 
 def _device(model): return next(model.parameters(), torch.empty(0)).device
 
