@@ -12,7 +12,7 @@ from .core import input_error, data_root
 from .data import ZSLData
 from .xlsa17 import (text_lines, _int, read_img_list, read_lab_list, read_splits_mat, read_res101_mat, match_classes,
                             check_labels, check_split_classes, build_xlsa17_data, SPLIT_KEYS)
-from .cub import read_id_names, _first, _semantics, _listed_val, _reorder, _fake_jpeg, _check_fake
+from .cub import read_id_names, _first, find_xlsa17_dir, _semantics, _listed_val, _reorder, _fake_jpeg, _check_fake
 
 # %% auto #0
 __all__ = ['FAKE_AWA2_CLASSES', 'AWA2_SEMANTICS', 'read_binary_matrix', 'awa2_layout', 'make_fake_awa2', 'load_awa2',
@@ -42,12 +42,7 @@ def awa2_layout(root=None, xlsa17_dir=None) -> dict:
     root = Path(root) if root is not None else data_root() / "awa2"
     if not root.is_dir(): raise input_error("root", f"no folder at {str(root)!r}", "pass the AwA2 folder (fetch('awa2', root) downloads it)")
     awa = root / "Animals_with_Attributes2" if (root / "Animals_with_Attributes2").is_dir() else root
-    x = Path(xlsa17_dir) if xlsa17_dir is not None else _first(*(d for d in (root / "xlsa17", root / "xlsa17" / "data" / "AWA2",
-                                                                             root.parent / "xlsa17" / "data" / "AWA2", awa / "xlsa17")
-                                                                 if (d / "att_splits.mat").is_file()))
-    if x is None or not (x / "att_splits.mat").is_file():
-        raise input_error("xlsa17_dir", f"no xlsa17 att_splits.mat found for AWA2 (looked in {root}/xlsa17, {root}/xlsa17/data/AWA2, "
-                          f"{root.parent}/xlsa17/data/AWA2)", "download xlsa17.zip (fetch('xlsa17')) or pass xlsa17_dir=")
+    x = find_xlsa17_dir(root, "AWA2", xlsa17_dir, awa)
     meta = root / "xlsa17_res101_meta"
     m = lambda name: _first(awa / name, root / "awa_meta" / name)
     return {"root": root, "awa_dir": awa, "images": awa / "JPEGImages", "classes": m("classes.txt"), "predicates": m("predicates.txt"),

@@ -16,8 +16,8 @@ from .xlsa17 import (text_lines, _int, _float, _unique, read_class_list, read_im
 
 # %% auto #0
 __all__ = ['CUB_SEMANTICS', 'PRESETS', 'PRESET_NOTES', 'read_id_names', 'read_id_ints', 'read_boxes', 'read_captions_file',
-           'read_captions', 'cub_layout', 'make_fake_cub', 'load_cub', 'image_file', 'image_captions',
-           'cub_from_config', 'preset_config']
+           'read_captions', 'find_xlsa17_dir', 'cub_layout', 'make_fake_cub', 'load_cub', 'image_file',
+           'image_captions', 'cub_from_config', 'preset_config']
 
 # %% ../nbs/02b_cub.ipynb #1994ed0f
 def _id_rows(path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
@@ -81,6 +81,17 @@ def read_captions(captions_dir, files: Sequence[str]) -> dict:
 def _first(*cands):
     return next((Path(c) for c in cands if c is not None and Path(c).exists()), None)
 
+def find_xlsa17_dir(root, name: str, xlsa17_dir=None, inner=None) -> Path:
+    "The xlsa17 folder of dataset `name` ('CUB', 'AWA2'): `xlsa17_dir`, else the first usual place under `root` (or `inner`) holding att_splits.mat."
+    root = Path(root)
+    places = (root / "xlsa17", root / "xlsa17" / "data" / name, root.parent / "xlsa17" / "data" / name,
+              *((Path(inner) / "xlsa17",) if inner is not None else ()))
+    x = Path(xlsa17_dir) if xlsa17_dir is not None else _first(*(d for d in places if (d / "att_splits.mat").is_file()))
+    if x is None or not (x / "att_splits.mat").is_file():
+        raise input_error("xlsa17_dir", f"no xlsa17 att_splits.mat found for {name} (looked in {root}/xlsa17, {root}/xlsa17/data/{name}, "
+                          f"{root.parent}/xlsa17/data/{name})", "download xlsa17.zip (fetch('xlsa17')) or pass xlsa17_dir=")
+    return x
+
 def cub_layout(root=None, xlsa17_dir=None, captions_dir=None) -> dict:
     "Paths of the CUB, xlsa17 and caption files under `root` (None for each one that is absent)."
     root = Path(root) if root is not None else data_root() / "cub"
@@ -89,12 +100,7 @@ def cub_layout(root=None, xlsa17_dir=None, captions_dir=None) -> dict:
         raise input_error("root", f"no CUB_200_2011/images.txt under {str(root)!r}",
                           "pass the folder that holds CUB_200_2011/ (fetch('cub', root) downloads it)")
     cub = cub.parent
-    x = Path(xlsa17_dir) if xlsa17_dir is not None else _first(*(d for d in (root / "xlsa17", root / "xlsa17" / "data" / "CUB",
-                                                                             root.parent / "xlsa17" / "data" / "CUB", cub / "xlsa17")
-                                                                 if (d / "att_splits.mat").is_file()))
-    if x is None or not (x / "att_splits.mat").is_file():
-        raise input_error("xlsa17_dir", f"no xlsa17 att_splits.mat found for CUB (looked in {root}/xlsa17, {root}/xlsa17/data/CUB, "
-                          f"{root.parent}/xlsa17/data/CUB)", "download xlsa17.zip (fetch('xlsa17')) or pass xlsa17_dir=")
+    x = find_xlsa17_dir(root, "CUB", xlsa17_dir, cub)
     meta = root / "xlsa17_res101_meta"
     caps = Path(captions_dir) if captions_dir is not None else _first(root / "text_c10", root / "cvpr2016_cub" / "text_c10", cub / "text_c10")
     f = lambda p: p if p.exists() else None
