@@ -65,6 +65,10 @@ CASES = [
                                            torch.tensor([2]), torch.tensor([0]), torch.tensor([2])), r"`y`"),
     ("seed-not-int", lambda t: seed_everything("1"), r"`seed`"),
     ("run-config-type", lambda t: RunConfig(n_feed=0), r"`n_feed`"),
+    ("cub-root-missing", lambda t: load_dataset(RunConfig(dataset="cub", root=str(Path(t) / "nope"))), r"`root`"),
+    ("cub-root-wrong", lambda t: load_dataset(RunConfig(dataset="cub", root=str(t))), r"`root`.*CUB_200_2011"),
+    ("awa2-root-missing", lambda t: load_dataset(RunConfig(dataset="awa2", root=str(Path(t) / "nope"))), r"`root`"),
+    ("features-root-wrong", lambda t: load_dataset(RunConfig(dataset="cub_res101", root=str(t))), r"res101\.mat"),
 ]
 
 
