@@ -12,7 +12,7 @@ from .core import input_error, data_root
 from .data import ZSLData
 from .xlsa17 import (text_lines, _int, read_img_list, read_lab_list, read_splits_mat, read_res101_mat, match_classes,
                             check_labels, check_split_classes, build_xlsa17_data, SPLIT_KEYS)
-from .cub import read_id_names, _first, find_xlsa17_dir, _semantics, _listed_val, _reorder, _fake_jpeg, _check_fake
+from .cub import read_id_names, _first, find_xlsa17_dir, xlsa17_image_order, _semantics, _listed_val, _reorder, _fake_jpeg, _check_fake
 
 # %% auto #0
 __all__ = ['FAKE_AWA2_CLASSES', 'AWA2_SEMANTICS', 'read_binary_matrix', 'awa2_layout', 'make_fake_awa2', 'load_awa2',
@@ -100,13 +100,8 @@ def load_awa2(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attri
         raise input_error("semantic", "AwA2 has no captions", "use semantic='attributes'")
     sem = _semantics(semantic, AWA2_SEMANTICS)
     L = awa2_layout(root, xlsa17_dir)
-    xlab = None
-    if L["res101"] is not None:
-        r = read_res101_mat(L["res101"], features=False); files, xlab, order_src = r["files"], r["labels"], "res101.mat"
-    elif L["img_list"] is not None:
-        files, order_src = read_img_list(L["img_list"]), "img_list.txt"
-        if L["lab_list"] is not None: xlab = read_lab_list(L["lab_list"])
-    else:
+    files, xlab, order_src = xlsa17_image_order(L)
+    if files is None:
         if not L["images"].is_dir():
             raise input_error("root", f"no JPEGImages folder under {L['awa_dir']} and no xlsa17 image list (res101.mat / img_list.txt)",
                               _HOW_TO_GET_AWA2)

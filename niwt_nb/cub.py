@@ -16,8 +16,8 @@ from .xlsa17 import (text_lines, _int, _float, _unique, read_class_list, read_im
 
 # %% auto #0
 __all__ = ['CUB_SEMANTICS', 'PRESETS', 'PRESET_NOTES', 'read_id_names', 'read_id_ints', 'read_boxes', 'read_captions_file',
-           'read_captions', 'find_xlsa17_dir', 'cub_layout', 'make_fake_cub', 'load_cub', 'image_file',
-           'image_captions', 'cub_from_config', 'preset_config']
+           'read_captions', 'find_xlsa17_dir', 'xlsa17_image_order', 'cub_layout', 'make_fake_cub', 'load_cub',
+           'image_file', 'image_captions', 'cub_from_config', 'preset_config']
 
 # %% ../nbs/02b_cub.ipynb #1994ed0f
 def _id_rows(path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
@@ -91,6 +91,15 @@ def find_xlsa17_dir(root, name: str, xlsa17_dir=None, inner=None) -> Path:
         raise input_error("xlsa17_dir", f"no xlsa17 att_splits.mat found for {name} (looked in {root}/xlsa17, {root}/xlsa17/data/{name}, "
                           f"{root.parent}/xlsa17/data/{name})", "download xlsa17.zip (fetch('xlsa17')) or pass xlsa17_dir=")
     return x
+
+def xlsa17_image_order(L: dict):
+    "`(files, labels or None, source)` of xlsa17's image order from a layout dict: res101.mat, else img_list.txt; `(None, None, None)` if neither."
+    if L.get("res101") is not None:
+        r = read_res101_mat(L["res101"], features=False)
+        return r["files"], r["labels"], "res101.mat"
+    if L.get("img_list") is not None:
+        return read_img_list(L["img_list"]), (read_lab_list(L["lab_list"]) if L.get("lab_list") is not None else None), "img_list.txt"
+    return None, None, None
 
 def cub_layout(root=None, xlsa17_dir=None, captions_dir=None) -> dict:
     "Paths of the CUB, xlsa17 and caption files under `root` (None for each one that is absent)."
@@ -217,13 +226,8 @@ def load_cub(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attrib
     classes = read_id_names(L["classes"], "classes.txt")
     cub_files = read_id_names(L["images_txt"], "images.txt")                # CUB image-id order
     # -- xlsa17 image order and labels
-    xlab = None
-    if L["res101"] is not None:
-        r = read_res101_mat(L["res101"], features=False); files, xlab, order_src = r["files"], r["labels"], "res101.mat"
-    elif L["img_list"] is not None:
-        files, order_src = read_img_list(L["img_list"]), "img_list.txt"
-        if L["lab_list"] is not None: xlab = read_lab_list(L["lab_list"])
-    else: files, order_src = sorted(cub_files), "sorted images.txt"
+    files, xlab, order_src = xlsa17_image_order(L)
+    if files is None: files, order_src = sorted(cub_files), "sorted images.txt"
     if len(files) != len(cub_files) or set(files) != set(cub_files):
         extra = sorted(set(files) - set(cub_files))
         raise input_error("xlsa17_dir", f"the xlsa17 image list ({order_src}, {len(files)} images) and images.txt ({len(cub_files)}) "

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from .core import input_error, eval_mode, seed_everything, atomic_torch_save, progress
-from .models import (TrainConfig, NIWTNet, SquareResize, seen_columns, _check_data, _check_model, _check_seen_split)
+from .models import (TrainConfig, NIWTNet, SquareResize, seen_columns, _check_data, _check_model, _check_seen_split, _train_inputs)
 from .importance import ImportanceConfig
 from .engine import target_importances, to_device, to_channels_last
 
@@ -167,14 +167,8 @@ def _val_acc_ddp(model, data, split, bs, col, load, dev) -> float:
 
 def train_seen_ddp(model: NIWTNet, data, cfg: TrainConfig | None = None, device=None, ckpt_path=None):
     "`train_seen` on every rank of the process group (call it on all ranks): returns `(model, history)`, identical on every rank."
-    cfg = TrainConfig() if cfg is None else cfg
-    if not isinstance(cfg, TrainConfig): raise input_error("cfg", f"expected a TrainConfig, got {type(cfg).__name__}", "pass TrainConfig(...)")
-    _check_data(data, ["train"]); _check_model(model, data)
-    col = seen_columns(data)
-    _check_seen_split(data, "train", col)
-    if "val" in data.splits: _check_seen_split(data, "val", col)
+    cfg, col = _train_inputs(model, data, cfg)
     idx = data.splits["train"]
-    if len(idx) == 0: raise input_error("data", "split 'train' is empty", "check data.splits")
     rank, world = dist_info()
     dev = torch.device(device) if device is not None else rank_device()
     model.to(dev)

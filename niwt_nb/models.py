@@ -400,8 +400,8 @@ def _check_seen_split(data, split, col):
                           "the seen classifier can only use seen-class images (fix data.splits)")
 
 # %% ../nbs/04_models.ipynb #7b74c58b
-def train_seen(model: NIWTNet, data, cfg: TrainConfig | None = None, device=None, ckpt_path=None):
-    "Fine-tune `model` on the seen classes of `data`; return `(model, history)` with the best-val state loaded, in eval mode."
+def _train_inputs(model, data, cfg):
+    "Validate what fine-tuning needs; return `(cfg, col)` with `col` the seen column of each class id."
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig): raise input_error("cfg", f"expected a TrainConfig, got {type(cfg).__name__}", "pass TrainConfig(...)")
     _check_data(data, ["train"]); _check_model(model, data)
@@ -409,6 +409,11 @@ def train_seen(model: NIWTNet, data, cfg: TrainConfig | None = None, device=None
     _check_seen_split(data, "train", col)
     if "val" in data.splits: _check_seen_split(data, "val", col)
     if len(data.splits["train"]) == 0: raise input_error("data", "split 'train' is empty", "check data.splits")
+    return cfg, col
+
+def train_seen(model: NIWTNet, data, cfg: TrainConfig | None = None, device=None, ckpt_path=None):
+    "Fine-tune `model` on the seen classes of `data`; return `(model, history)` with the best-val state loaded, in eval mode."
+    cfg, col = _train_inputs(model, data, cfg)
     dev = get_device(device); model.to(dev)
     gen = seed_everything(cfg.seed)
     body_p = list(model.body.parameters()); body_ids = {id(p) for p in body_p}
