@@ -150,5 +150,4 @@ from .pipeline import register_dataset, RunConfig
 def awa2_from_config(cfg: RunConfig) -> ZSLData:
     "The `'awa2'` dataset of a `RunConfig` (see `load_awa2`)."
     root = Path(cfg.root) if cfg.root else data_root() / "awa2"
-    return load_awa2(root, semantic=cfg.semantic, present_only=bool(getattr(cfg, "present_only", False)),
-                     img_size=getattr(cfg, "img_size", None), verbose=False)
+    return load_awa2(root, present_only=bool(getattr(cfg, "present_only", False)), verbose=False)   # files: see cub_from_config

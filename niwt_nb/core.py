@@ -14,17 +14,24 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['NIWTInputError', 'input_error', 'check_tensor', 'import_torchvision', 'torchvision_was_repaired', 'data_root',
-           'cache_root', 'seed_everything', 'get_device', 'eval_mode', 'get_layer', 'Config', 'hash_key',
+           'cache_root', 'temp_env', 'seed_everything', 'get_device', 'eval_mode', 'get_layer', 'Config', 'hash_key',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_torch_save', 'package_version', 'ArtifactStore',
            'progress']
 
 # %% ../nbs/00_core.ipynb #daf24cf4
 class NIWTInputError(ValueError):
-    "Bad input to a niwt_nb function: the message names the argument, the problem and the fix."
+    "Bad input to a niwt_nb function: the message names the argument, the problem and the fix (also kept as `.arg`, `.problem`, `.fix`)."
+    def __init__(self, msg: str, arg: str | None = None, problem: str | None = None, fix: str | None = None):
+        super().__init__(msg)
+        self.arg, self.problem, self.fix = arg, problem, fix
+
+    def renamed(self, arg: str) -> "NIWTInputError":
+        "The same error naming `arg` instead (e.g. the command-line flag a user typed for a function argument)."
+        return input_error(arg, self.problem, self.fix) if self.problem is not None else self
 
 def input_error(arg: str, problem: str, fix: str) -> NIWTInputError:
     "Build a `NIWTInputError` with the house format: `arg: problem. Fix: fix`."
-    return NIWTInputError(f"`{arg}`: {problem}. Fix: {fix}")
+    return NIWTInputError(f"`{arg}`: {problem}. Fix: {fix}", arg, problem, fix)
 
 # %% ../nbs/00_core.ipynb #f0b29757
 def check_tensor(x, name: str, shape: Sequence | None = None, finite: bool = True, dims: dict | None = None,
@@ -98,6 +105,33 @@ def cache_root() -> Path:
     if os.environ.get("NIWT_CACHE"): return Path(os.environ["NIWT_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "niwt_nb"
+
+# %% ../nbs/00_core.ipynb #4a151fff
+class temp_env:
+    """Set environment variables (a value of None unsets one) and put the old values back afterwards: a context
+    manager, or `env = temp_env(...).start()` ... `env.stop()` where one `with` cannot span the code (a notebook)."""
+    def __init__(self, **values):
+        for k, v in values.items():
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                raise input_error(k, f"environment values must be str, a path or None, got {type(v).__name__}", f"pass {k}=str(value)")
+        self.values, self.old = values, None
+
+    def start(self) -> "temp_env":
+        if self.old is not None: raise input_error("temp_env", "already started", "call stop() first, or use a new temp_env")
+        self.old = {k: os.environ.get(k) for k in self.values}
+        for k, v in self.values.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = str(v)
+        return self
+
+    def stop(self) -> None:
+        for k, v in (self.old or {}).items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+        self.old = None
+
+    def __enter__(self): return self.start()
+    def __exit__(self, *exc): self.stop()
 
 # %% ../nbs/00_core.ipynb #a0a805db
 def seed_everything(seed: int) -> torch.Generator:

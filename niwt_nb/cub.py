@@ -312,8 +312,9 @@ from .pipeline import register_dataset, RunConfig
 def cub_from_config(cfg: RunConfig) -> ZSLData:
     "The `'cub'` dataset of a `RunConfig` (see `load_cub`)."
     root = Path(cfg.root) if cfg.root else data_root() / "cub"
-    return load_cub(root, semantic=cfg.semantic, present_only=bool(getattr(cfg, "present_only", False)),
-                    img_size=getattr(cfg, "img_size", None), verbose=False)
+    # image files stay on disk and every semantic input that exists is loaded: the pipeline checks the requested one
+    # (`check_run`, naming `semantic`) and then decodes the images at the backbone's size (`load_run_data`)
+    return load_cub(root, semantic="attributes", present_only=bool(getattr(cfg, "present_only", False)), verbose=False)
 
 # %% ../nbs/02b_cub.ipynb #a1aaf81b
 from .models import ModelConfig, TrainConfig

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from .core import (Config, ArtifactStore, NIWTInputError, input_error, hash_key, seed_everything, get_device,
-                          atomic_write_text, package_version, eval_mode, progress)
+                          atomic_write_text, package_version, eval_mode, progress, temp_env)
 from .data import ZSLData
+from .xlsa17 import decode_data
+from .semantic import ENCODERS
 from .models import ModelConfig, TrainConfig, build_model, train_seen, predict, gzsl_logits
 from .importance import ImportanceConfig, extract_alphas
 from .dom2alpha import Dom2AlphaConfig, fit_dom2alpha, Dom2Alpha
@@ -18,8 +20,9 @@ from .alpha2w import Alpha2WConfig, fit_alpha2w
 from .evaluate import GZSLProblem, ValProblem, val_split, evaluate_gzsl, run_baselines, mean_std
 
 # %% auto #0
-__all__ = ['DATASETS', 'SEMANTICS', 'ARTIFACT_FORMAT', 'BUNDLE_VERSION', 'register_dataset', 'build_any_model', 'RunConfig',
-           'load_dataset', 'match_norm', 'Run', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
+__all__ = ['DATASETS', 'SEMANTICS', 'ARTIFACT_FORMAT', 'SMALLCNN_FILE_SIZE', 'BUNDLE_VERSION', 'register_dataset',
+           'build_any_model', 'RunConfig', 'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'match_norm',
+           'Run', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
 
 # %% ../nbs/11_pipeline.ipynb #ea122f92
 DATASETS: dict = {}   # name -> loader(cfg: RunConfig) -> ZSLData; real benchmarks register here
@@ -60,7 +63,7 @@ class RunConfig(Config):
     baselines: tuple = ("eszsl", "sae", "dom2w")
     explain: bool = True                   # score Grad-CAM / text / neuron names when the data has ground truth
     present_only: bool = False             # real benchmarks: keep only the classes whose images are all on disk
-    img_size: int | None = None            # real benchmarks: decode images once to img_size x img_size (None = loader default)
+    img_size: int | None = None            # image files are decoded once to img_size x img_size (None: `decode_size`)
     device: str | None = None
 
     def __post_init__(self):
@@ -70,6 +73,10 @@ class RunConfig(Config):
             raise input_error("semantic", f"unknown semantic input {self.semantic!r}", f"use one of {list(SEMANTICS)}")
         if not isinstance(self.n_feed, int) or self.n_feed < 1:
             raise input_error("n_feed", f"expected a positive int, got {self.n_feed!r}", "pass e.g. n_feed=256")
+        if self.encoder not in ENCODERS:
+            raise input_error("encoder", f"unknown text encoder {self.encoder!r}", f"use one of {list(ENCODERS)}")
+        if self.img_size is not None and (not isinstance(self.img_size, int) or isinstance(self.img_size, bool) or self.img_size < 8):
+            raise input_error("img_size", f"expected an int >= 8 or None, got {self.img_size!r}", "pass e.g. img_size=224, or None for the backbone's own size")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -99,7 +106,7 @@ class RunConfig(Config):
 
 # %% ../nbs/11_pipeline.ipynb #95ba043c
 def load_dataset(cfg: RunConfig) -> ZSLData:
-    "The `ZSLData` named by `cfg.dataset` (validated)."
+    "The `ZSLData` named by `cfg.dataset` (validated), as its loader returns it: real benchmarks keep image *files* (see `load_run_data`)."
     if cfg.dataset == "shapes":
         from niwt_nb.shapes import ShapesConfig, make_shapes
         sc = cfg.shapes if cfg.shapes is not None else ShapesConfig()
@@ -113,6 +120,62 @@ def load_dataset(cfg: RunConfig) -> ZSLData:
         raise input_error("dataset", f"unknown dataset {cfg.dataset!r}" + (f" (close: {close})" if close else ""),
                           f"use one of {names}")
     return DATASETS[cfg.dataset](cfg).validate()
+
+_NATURAL_SIZE = {"resnet18": 224, "resnet50": 224, "resnet101": 224, "vgg16": 224}
+SMALLCNN_FILE_SIZE = 64   # smallcnn has no input size of its own: image files of mixed sizes are decoded to 64 x 64
+
+def decode_size(cfg: RunConfig, d: ZSLData | None = None) -> int | None:
+    """The size image files are decoded to: `cfg.img_size` when given, else the backbone's natural input (224 for the
+    ImageNet ResNets/VGG, see `niwt_nb.models`), else `SMALLCNN_FILE_SIZE`. None when `d`'s images are already in memory."""
+    if d is not None and isinstance(d.images, torch.Tensor): return None
+    if cfg.img_size is not None: return cfg.img_size
+    return _NATURAL_SIZE.get(getattr(cfg.model, "backbone", None)) or SMALLCNN_FILE_SIZE
+
+def check_run(cfg: RunConfig, d: ZSLData):
+    """Everything about `cfg` that can be checked against `d`'s metadata, in seconds and before any image is decoded or
+    any stage runs: the semantic input, the backbone, layer and weights (the model is built), and that the network
+    takes images of the decode size. Returns the freshly built model."""
+    if cfg.semantic == "captions":
+        caps = d.captions or {}
+        lack = [c for c in range(d.n_cls) if not caps.get(c)]
+        if lack:
+            why = (f"{len(lack)} of the {d.n_cls} classes of {d.name!r} have none (e.g. {[d.classes[c] for c in lack[:3]]})" if caps
+                   else f"dataset {d.name!r} has none" + (f" ({d.meta['captions_note']} of {d.n_cls})" if d.meta.get("captions_note") else ""))
+            raise input_error("semantic", f"'captions' needs the captions of every class, but {why}",
+                              "use another semantic input (e.g. 'attributes' or 'sent'), or add the missing caption files")
+    elif cfg.semantic not in d.dom:
+        raise input_error("semantic", f"dataset {d.name!r} has no {cfg.semantic!r} vectors (it has {sorted(d.dom)}"
+                          + (" and captions" if d.captions else "") + ")", "pick one of those")
+    model = build_any_model(cfg.model, len(d.seen))                       # backbone, layer and weights errors surface here
+    size = decode_size(cfg, d)
+    x = torch.zeros(1, 3, size, size) if size is not None else d.images[:1]
+    if x.ndim == 4:                                                       # image models (not precomputed features)
+        try:
+            with torch.no_grad(), eval_mode(model): model(x)
+        except RuntimeError as e:
+            raise input_error("img_size", f"{getattr(cfg.model, 'backbone', 'the network')} cannot take {tuple(x.shape[-2:])} images "
+                              f"({str(e).splitlines()[0][:120]})", "pass a larger img_size (e.g. 224)") from e
+    return model
+
+def load_run_data(cfg: RunConfig, store: ArtifactStore | None = None, check: bool = True):
+    """`(data, model)`: the dataset of `cfg`, checked by `check_run` (model: the freshly built network, None without
+    `check`), then with image files decoded once into memory at `decode_size` (cached in `store` when given)."""
+    d = load_dataset(cfg)
+    model = check_run(cfg, d) if check else None
+    size = decode_size(cfg, d)
+    if size is not None:
+        root = Path(d.meta.get("image_root", ""))
+        stamp = [(s.st_size, s.st_mtime_ns) for s in (os.stat(root / f) for f in d.images)]   # files changed: decode again
+        key = hash_key(d.fingerprint(), stamp, size, "crop")
+        if store is not None and store.exists("images", key):
+            art = store.load("images", key)
+            d = dataclasses.replace(d, images=art["images"], boxes=art["boxes"],
+                                    meta={**d.meta, "img_size": size, "decode": "crop", "image_wh": art["wh"]}).validate()
+        else:
+            d = decode_data(d, size, "crop")
+            if store is not None: store.save("images", key, {"images": d.images, "boxes": d.boxes, "wh": d.meta["image_wh"]},
+                                             config={"img_size": size, "decode": "crop"})
+    return d, model
 
 # %% ../nbs/11_pipeline.ipynb #2c7bd7f1
 def match_norm(W_new: torch.Tensor, W_seen: torch.Tensor) -> torch.Tensor:
@@ -144,8 +207,9 @@ class Run:
 
     # -- data and semantics ------------------------------------------------
     def data(self) -> ZSLData:
+        "Load the dataset, check the whole configuration against it (`check_run`: seconds), then decode image files once."
         with self.stage("data", hash_key(self.cfg.dataset, self.cfg.root, self.cfg.shapes)):
-            data = load_dataset(self.cfg)
+            data, self.model0 = load_run_data(self.cfg, self.store)
             self.keys["data"] = data.fingerprint()
         self.d = data
         return data
@@ -176,7 +240,7 @@ class Run:
         cfg, d = self.cfg, self.d
         key = hash_key(self.keys["data"], cfg.model, cfg.train)
         with self.stage("seen_model", key) as key:
-            model = build_any_model(cfg.model, len(d.seen))
+            model, self.model0 = getattr(self, "model0", None) or build_any_model(cfg.model, len(d.seen)), None
             if self.store.exists("seen_model", key):
                 art = self.store.load("seen_model", key)
                 model.load_state_dict(art["state"]); hist = art["history"]
@@ -371,7 +435,7 @@ class Bundle:
             raise input_error("out", f"{p} has bundle version {b.get('bundle_version')}, this niwt_nb reads {BUNDLE_VERSION}",
                               "rerun niwt_run with this version of niwt_nb")
         self.cfg = RunConfig.from_dict(json.loads(b["config"]))
-        self.d = load_dataset(self.cfg)
+        self.d, _ = load_run_data(self.cfg, check=False)
         if self.d.fingerprint() != b["data_fingerprint"]:
             raise input_error("out", "the dataset on this machine differs from the one the run used",
                               "point --root/NIWT_DATA at the same data, or rerun niwt_run")

@@ -11,8 +11,8 @@ import torch
 from .core import input_error, check_tensor, hash_key, ArtifactStore, import_torchvision
 
 # %% auto #0
-__all__ = ['SEMANTICS', 'normalize_dom', 'TextEncoder', 'TfidfEncoder', 'minilm_available', 'MiniLMEncoder', 'get_text_encoder',
-           'embed_class_texts', 'embed_texts', 'add_semantic']
+__all__ = ['ENCODERS', 'SEMANTICS', 'normalize_dom', 'TextEncoder', 'TfidfEncoder', 'minilm_available', 'MiniLMEncoder',
+           'get_text_encoder', 'embed_class_texts', 'embed_texts', 'add_semantic']
 
 # %% ../nbs/03_semantic.ipynb #cb8f5171
 _NORMS = ("l2", "zscore", "none")
@@ -215,11 +215,11 @@ class MiniLMEncoder:
     def __repr__(self): return f"MiniLMEncoder(device={self.device!r})"
 
 # %% ../nbs/03_semantic.ipynb #9b7ce40b
-_ENCODERS = ("auto", "minilm", "tfidf")
+ENCODERS = ("auto", "minilm", "tfidf")
 
 def get_text_encoder(name: str = "auto", corpus: Sequence[str] | None = None, **kw):
     "A text encoder by name: `'minilm'`, `'tfidf'` (fitted on `corpus` when given) or `'auto'` (MiniLM if installed, else TF-IDF)."
-    if name not in _ENCODERS: raise input_error("name", f"unknown text encoder {name!r}", f"use one of {list(_ENCODERS)}")
+    if name not in ENCODERS: raise input_error("name", f"unknown text encoder {name!r}", f"use one of {list(ENCODERS)}")
     if name == "auto":
         try: _import_minilm(); name = "minilm"
         except ImportError as e:

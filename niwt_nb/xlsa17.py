@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_xlsa17.ipynb #e05707ac
 from __future__ import annotations
-import hashlib, os, re, shutil, tarfile, tempfile, urllib.request, warnings, zipfile
+import dataclasses, hashlib, os, re, shutil, tarfile, tempfile, urllib.request, warnings, zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -14,10 +14,11 @@ from .core import input_error, NIWTInputError, data_root, progress
 from .data import ZSLData, make_train_val
 
 # %% auto #0
-__all__ = ['SPLIT_KEYS', 'OPTIONAL_SPLIT_KEYS', 'SOURCES', 'read_text', 'text_lines', 'read_class_list', 'image_key',
-           'read_img_list', 'read_lab_list', 'read_mat', 'read_splits_mat', 'read_res101_mat', 'match_classes',
-           'class_ids', 'check_labels', 'check_split_classes', 'verify_file', 'fetch', 'pick_val_classes',
-           'decode_images', 'build_xlsa17_data']
+__all__ = ['SPLIT_KEYS', 'OPTIONAL_SPLIT_KEYS', 'SOURCES', 'DECODE_MODES', 'CROP_FRACTION', 'read_text', 'text_lines',
+           'read_class_list', 'image_key', 'read_img_list', 'read_lab_list', 'read_mat', 'read_splits_mat',
+           'read_res101_mat', 'match_classes', 'class_ids', 'check_labels', 'check_split_classes', 'verify_file',
+           'fetch', 'pick_val_classes', 'crop_geometry', 'transform_boxes', 'decode_images', 'decode_data',
+           'build_xlsa17_data']
 
 # %% ../nbs/02a_xlsa17.ipynb #104dd6e9
 _CTRL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
@@ -369,10 +370,32 @@ def pick_val_classes(seen: torch.Tensor, listed: torch.Tensor | None = None, see
     return torch.sort(seen[torch.randperm(len(seen), generator=g)[:n]]).values, f"fallback: {n} seen classes drawn with seed {seed}"
 
 # %% ../nbs/02a_xlsa17.ipynb #494be27c
-def decode_images(paths: Sequence, size: int, root=None, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Decode image files into `uint8 (n, 3, size, size)` (RGB, square bilinear resize) and their original `(n, 2)` (width, height)."
+DECODE_MODES = ("crop", "square")
+CROP_FRACTION = 0.875      # 'crop' keeps the central 87.5 % of the shorter side (224 of 256)
+
+def crop_geometry(wh: torch.Tensor, size: int, mode: str = "crop") -> tuple[torch.Tensor, torch.Tensor]:
+    """How `decode_images` maps original pixel coordinates to the decoded `size x size` image: `xy_new = xy * scale - offset`,
+    with `scale`, `offset` float `(n, 2)` (x, y) for original sizes `wh` `(n, 2)` (width, height). `'crop'`: the shorter side
+    is resized to `size / 0.875` and the central `size x size` square is kept (ImageNet evaluation: 224 of 256, as
+    torchvision's and the original NIWT's VGG preprocessing do); `'square'`: both sides resized to `size` (aspect changes)."""
+    if mode not in DECODE_MODES: raise input_error("mode", f"unknown decode mode {mode!r}", f"use one of {DECODE_MODES}")
+    wh = torch.as_tensor(wh, dtype=torch.float64).reshape(-1, 2)
+    if mode == "square": return (size / wh).float(), torch.zeros_like(wh).float()
+    s = round(size / CROP_FRACTION) / wh.min(1, keepdim=True).values           # (n, 1) one scale for both axes
+    new = torch.round(wh * s)                                                   # resized width, height
+    return s.expand(-1, 2).float(), torch.div(new - size, 2, rounding_mode="floor").float()
+
+def transform_boxes(boxes: torch.Tensor, wh: torch.Tensor, size: int, mode: str = "crop") -> torch.Tensor:
+    "Boxes `(n, 4)` xyxy in original pixels -> pixels of the decoded `size x size` images, clipped to the image."
+    scale, off = crop_geometry(wh, size, mode)
+    return (boxes * scale.repeat(1, 2) - off.repeat(1, 2)).clamp(0, size)
+
+def decode_images(paths: Sequence, size: int, root=None, workers: int | None = None, mode: str = "crop") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode image files into `uint8 (n, 3, size, size)` RGB and their original `(n, 2)` (width, height). `mode='crop'`
+    (default): shorter side to `size / 0.875`, central crop (see `crop_geometry`); `'square'`: bilinear resize to a square."""
     from PIL import Image
     if not isinstance(size, int) or isinstance(size, bool) or size < 1: raise input_error("img_size", f"expected a positive int, got {size!r}", "pass e.g. img_size=224")
+    if mode not in DECODE_MODES: raise input_error("mode", f"unknown decode mode {mode!r}", f"use one of {DECODE_MODES}")
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     wh = torch.empty(len(paths), 2, dtype=torch.long)
     def one(i):
@@ -380,8 +403,15 @@ def decode_images(paths: Sequence, size: int, root=None, workers: int | None = N
         try:
             with Image.open(p) as im:
                 wh[i] = torch.tensor(im.size)
-                im.draft("RGB", (size, size))                  # JPEG: decode at a reduced scale when possible (fast)
-                a = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+                if mode == "square":
+                    im.draft("RGB", (size, size))              # JPEG: decode at a reduced scale when possible (fast)
+                    a = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+                else:
+                    scale, off = crop_geometry(wh[i:i + 1], size, mode)
+                    W, H = (int(v) for v in torch.round(wh[i].double() * scale[0].double()).tolist())
+                    im.draft("RGB", (W, H))                    # a reduced-scale JPEG decode, still at least W x H
+                    x0, y0 = (int(v) for v in off[0].tolist())
+                    a = np.asarray(im.convert("RGB").resize((W, H), Image.BILINEAR).crop((x0, y0, x0 + size, y0 + size)))
         except FileNotFoundError as e:
             raise input_error("images", f"image {i} file {str(p)!r} does not exist", "check the dataset folder, or use present_only=True") from e
         except Exception as e:
@@ -392,13 +422,22 @@ def decode_images(paths: Sequence, size: int, root=None, workers: int | None = N
         for _ in progress(ex.map(one, range(len(paths))), f"decode {len(paths)} images", total=len(paths)): pass
     return out, wh
 
+def decode_data(d: ZSLData, size: int, mode: str = "crop", workers: int | None = None) -> ZSLData:
+    "`d` with its image files decoded once into memory (`uint8 (n, 3, size, size)`, see `decode_images`), boxes moved to match."
+    if not isinstance(d, ZSLData): raise input_error("d", f"expected a ZSLData, got {type(d).__name__}", "pass a dataset")
+    if isinstance(d.images, torch.Tensor): raise input_error("d", "its images are already in memory", "decode a dataset whose images are file paths")
+    images, wh = decode_images(d.images, size, d.meta.get("image_root"), workers, mode)
+    boxes = transform_boxes(d.boxes, wh, size, mode) if d.boxes is not None else None
+    meta = {**d.meta, "img_size": size, "decode": mode, "image_wh": wh}
+    return dataclasses.replace(d, images=images, boxes=boxes, meta=meta).validate()
+
 # %% ../nbs/02a_xlsa17.ipynb #df7e488d
 def build_xlsa17_data(name: str, classes: list, files: list, labels: torch.Tensor, splits: dict, dom: dict, image_root,
                       val_classes: torch.Tensor | None = None, val_frac: float = 0.2, seed: int = 0, present_only: bool = False,
                       check_images: bool = True, img_size: int | None = None, attr_names: list | None = None,
                       boxes: torch.Tensor | None = None, captions: dict | None = None, captions_required: bool = False,
                       meta: dict | None = None, how_to_get: str = "download the dataset", verbose: bool = True,
-                      workers: int | None = None) -> ZSLData:
+                      workers: int | None = None, decode: str = "crop") -> ZSLData:
     "A validated `ZSLData` from parsed xlsa17-ordered pieces: seen/unseen from the splits, val classes, train/val, missing-image policy, optional in-memory decode."
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(files) != len(labels): raise input_error("files", f"{len(files)} files but {len(labels)} labels", "pass one label per image")
@@ -449,9 +488,4 @@ def build_xlsa17_data(name: str, classes: list, files: list, labels: torch.Tenso
               f"({len(d.seen)} seen, {len(d.unseen)} unseen, {len(d.val_classes)} val): {d.classes[:12]}{' ...' if len(keep) > 12 else ''}")
     d = d.validate()
     # 4. optional in-memory images
-    if img_size is not None:
-        d.images, wh = decode_images(d.images, img_size, d.meta["image_root"], workers)
-        if d.boxes is not None: d.boxes = d.boxes * (img_size / wh.float()).repeat(1, 2)   # x by width, y by height
-        d.meta["img_size"] = img_size
-        d = d.validate()
-    return d
+    return decode_data(d, img_size, decode, workers) if img_size is not None else d

@@ -42,10 +42,16 @@ def test_rerun_resumes_from_cache(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--backbone", "resnet17"], "resnet18"),
-    (["--semantic", "glove"], "semantic"),
-    (["--dataset", "cubb"], "dataset"),
-    (["--seeds", "0 x"], "--seeds"),
-    (["--weights", "/nonexistent/w.pt"], "weights"),
+    (["--semantic", "glove"], "`--semantic`"),
+    (["--dataset", "cubb"], "`--dataset`"),
+    (["--seeds", "0 x"], "`--seeds`"),
+    (["--weights", "/nonexistent/w.pt"], "`--weights`"),
+    (["--encoder", "nosuch"], "`--encoder`: unknown text encoder"),          # the flag, not the function's `name`
+    (["--preset", "nosuch"], "`--preset`: unknown preset"),
+    (["--preset", "cub_resnet101", "--dataset", "awa2"], "`--dataset`: preset 'cub_resnet101' is for dataset 'cub'"),
+    (["--features", "--dataset", "cub", "--backbone", "vgg16"], "`--features`"),
+    (["--layer", "features.9"], "`--layer`"),
+    (["--img-size", "4"], "`--img-size`"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, args, needle):
     p = run("--quick", "--quiet", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), *args)
@@ -66,13 +72,47 @@ def test_feature_level_run_on_a_generated_res101_mat(tmp_path):
 
 
 def test_present_only_cub_run_on_shared_data(shared_data, tmp_path):
-    "`niwt_run --dataset cub --present-only` on the partial CUB in ../shared/data (classes 001-010)."
-    p = run("--dataset", "cub", "--root", str(shared_data / "cub"), "--present-only", "--img-size", "32", "--epochs", "1",
+    "`niwt_run --dataset cub --present-only` on the partial CUB in ../shared/data (classes 001-025): photos of mixed sizes, no --img-size."
+    p = run("--dataset", "cub", "--root", str(shared_data / "cub"), "--present-only", "--epochs", "1", "--semantic", "sent",
             "--quiet", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"))
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    assert m["config"]["present_only"] is True and m["config"]["dataset"] == "cub"
-    assert "niwt" in m["methods"]
+    assert m["config"]["present_only"] is True and m["config"]["dataset"] == "cub" and m["config"]["semantic"] == "sent"
+    assert m["config"]["img_size"] is None and "niwt" in m["methods"]
+    assert (tmp_path / "o" / "report.md").is_file()
+
+
+def test_captions_on_partial_cub_fail_at_once_naming_the_flag(shared_data, tmp_path, monkeypatch):
+    "Captions exist for classes 001-010 only: `--semantic captions` on 001-025 is refused before any image is decoded."
+    from niwt_nb import xlsa17
+    from niwt_nb.cli import niwt_run_cli
+    def no_decode(*a, **k): raise AssertionError("images were decoded before the configuration was checked")
+    monkeypatch.setattr(xlsa17, "decode_images", no_decode)
+    with pytest.raises(SystemExit) as e:
+        niwt_run_cli.__wrapped__(out=str(tmp_path / "o"), dataset="cub", root=str(shared_data / "cub"), present_only=True,
+                                 semantic="captions", cache=str(tmp_path / "c"), quiet=True)
+    assert e.value.code == 2
+
+
+def test_checks_run_before_images_are_decoded(shared_data, tmp_path, monkeypatch, capsys):
+    "A bad layer, backbone, weights file or image size on real CUB fails in the checks, never after decoding photos."
+    from niwt_nb import xlsa17
+    from niwt_nb.cli import niwt_run_cli
+    def no_decode(*a, **k): raise AssertionError("images were decoded before the configuration was checked")
+    monkeypatch.setattr(xlsa17, "decode_images", no_decode)
+    for kw, flag in ((dict(layer="features.9"), "--layer"), (dict(weights=str(tmp_path / "none.pt")), "--weights"),
+                     (dict(img_size=4), "--img-size"), (dict(semantic="attributes_binary"), "--semantic")):
+        with pytest.raises(SystemExit):
+            niwt_run_cli.__wrapped__(out=str(tmp_path / "o"), dataset="cub", root=str(shared_data / "cub"), present_only=True,
+                                     cache=str(tmp_path / "c"), quiet=True, **kw)
+        assert f"`{flag}`" in capsys.readouterr().err, kw
+
+
+def test_quiet_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
+    from niwt_nb.cli import niwt_run
+    monkeypatch.delenv("NIWT_QUIET", raising=False)
+    niwt_run(out=str(tmp_path / "o"), quick=True, quiet=True, cache=str(tmp_path / "c"))
+    assert "NIWT_QUIET" not in __import__("os").environ
 
 
 def test_missing_cub_images_is_a_clear_error_without_present_only(shared_data, tmp_path):

@@ -82,45 +82,66 @@ def test_cub_label_mapping_and_image_order(shared_data, cub_full):
         assert d.boxes[i].tolist() == [x, y, x + w, y + h]
 
 
+CUB25_UNSEEN = ["004.Groove_billed_Ani", "012.Yellow_headed_Blackbird", "023.Brandt_Cormorant"]
+CUB25_VAL = ["005.Crested_Auklet", "007.Parakeet_Auklet", "009.Brewer_Blackbird", "018.Spotted_Catbird"]
+
+
 @pytest.mark.shared
 def test_cub_missing_images_error(shared_data):
-    with pytest.raises(NIWTInputError, match=r"11245 of 11788 images are missing .*190 of 200 classes.*present_only=True"):
+    with pytest.raises(NIWTInputError, match=r"10386 of 11788 images are missing .*175 of 200 classes.*present_only=True"):
         load_cub(shared_data / "cub")
 
 
 @pytest.mark.shared
-def test_cub10_present_only_images_boxes_captions(shared_data):
-    d = load_cub(shared_data / "cub", present_only=True, semantic=("attributes", "sent", "captions"), verbose=False)
-    assert d.classes == [l.split()[1] for l in _lines(shared_data / "cub" / "CUB_200_2011" / "classes.txt")][:10]
-    assert (len(d.seen), len(d.unseen), d.n_img) == (9, 1, 543) and d.classes[int(d.unseen[0])] == "004.Groove_billed_Ani"
-    assert [d.classes[c] for c in d.val_classes] == ["005.Crested_Auklet", "007.Parakeet_Auklet", "009.Brewer_Blackbird"]
-    assert d.meta["present_only"]["n_dropped"] == 190
+def test_cub25_present_only_images_boxes_captions(shared_data):
+    "Classes 001-025 have their photos in ../shared: a real 22-seen / 3-unseen problem; captions exist for 001-010 only."
+    d = load_cub(shared_data / "cub", present_only=True, semantic=("attributes", "sent"), verbose=False)
+    classes = [l.split()[1] for l in _lines(shared_data / "cub" / "CUB_200_2011" / "classes.txt")]
+    assert d.classes == classes[:25]
+    on_disk = sum(1 for c in classes[:25] for _ in (shared_data / "cub" / "CUB_200_2011" / "images" / c).glob("*.jpg"))
+    assert (len(d.seen), len(d.unseen), d.n_img) == (22, 3, 1402) == (22, 3, on_disk)
+    assert [d.classes[c] for c in d.unseen] == CUB25_UNSEEN and [d.classes[c] for c in d.val_classes] == CUB25_VAL
+    assert d.meta["present_only"]["n_dropped"] == 175 and set(d.dom) >= {"attributes", "attributes_raw", "sent"}
     assert (torch.as_tensor(d.meta["image_ids_original"]) < 11788).all()
-    grey = 0
+    assert d.captions is None and "captions dropped: 15 classes" in d.meta["captions_note"]   # 011-025 have none
+    grey, n_caps, over = 0, 0, 0
     for i in range(d.n_img):                                                            # decode EVERY present image
         x = d.image(i)
         assert x.dtype == torch.uint8 and x.ndim == 3 and x.shape[0] == 3
         H, W = x.shape[1:]
         b = d.boxes[i]
-        assert 0 <= b[0] <= b[2] <= W + 1 and 0 <= b[1] <= b[3] <= H + 1, (i, b, (W, H))
+        assert 0 <= b[0] < b[2] and 0 <= b[1] < b[3] and b[0] < W and b[1] < H, (i, b, (W, H))
+        over += bool(b[2] > W + 2 or b[3] > H + 2)                                     # a few CUB boxes overshoot the photo
         if torch.equal(x[0], x[1]) and torch.equal(x[1], x[2]): grey += 1
         f = image_file(d, i)
         assert f.split("/")[0] == d.classes[d.labels[i]]
         caps = image_captions(d, i)
-        assert len(caps) == 10 and caps == [l.strip() for l in _lines(shared_data / "cub" / "text_c10" / f.replace(".jpg", ".txt"))]
+        if int(f[:3]) <= 10:
+            assert len(caps) == 10 and caps == [l.strip() for l in _lines(shared_data / "cub" / "text_c10" / f.replace(".jpg", ".txt"))]
+            n_caps += 1
+        else: assert caps == []
     assert grey >= 1                                                                     # Brewer_Blackbird_0028_2682.jpg is greyscale
-    assert all(len(d.captions[c]) == 10 * int((d.labels == c).sum()) for c in range(d.n_cls))
+    assert over <= 14                                                                    # 1 %
+    assert n_caps == int(torch.isin(d.labels, torch.arange(10)).sum())
+    with pytest.raises(NIWTInputError, match=r"`captions_dir`: 15 classes have no captions"):
+        load_cub(shared_data / "cub", present_only=True, semantic="captions", verbose=False)
 
 
 @pytest.mark.shared
-def test_cub10_run_niwt_end_to_end(shared_data, tmp_path, monkeypatch):
-    monkeypatch.setitem(DATASETS, "cub10_test", lambda cfg: load_cub(shared_data / "cub", present_only=True, img_size=32,
-                                                                     semantic=cfg.semantic, verbose=False))
-    m = run_niwt(RunConfig(dataset="cub10_test", **TINY_RUN), out=tmp_path / "run", log=lambda *a: None, report=False)
+def test_cub25_run_niwt_end_to_end(shared_data, tmp_path):
+    "The registered 'cub' loader, photos of mixed sizes decoded by the pipeline (shorter side + centre crop), sentence embeddings."
+    m = run_niwt(RunConfig(dataset="cub", root=str(shared_data / "cub"), present_only=True, semantic="sent", img_size=32, **TINY_RUN),
+                 out=tmp_path / "run", log=lambda *a: None, report=False)
     n = m["methods"]["niwt"]
-    assert all(0 <= n[k] <= 1 for k in ("u", "s", "H")) and n["zsl_top1"] == 1.0              # one unseen class: ZSL top-1 is trivially 1
+    assert all(0 <= n[k] <= 1 for k in ("u", "s", "H", "zsl_top1"))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["per_seed"][0]["keys"]["data"]
-    assert m["_runs"][0].d.images.shape == (543, 3, 32, 32)
+    d = m["_runs"][0].d
+    assert d.images.shape == (1402, 3, 32, 32) and d.meta["decode"] == "crop"
+    area = (d.boxes[:, 2:] - d.boxes[:, :2]).clamp_min(0).prod(1)
+    assert (d.boxes >= 0).all() and (d.boxes <= 32).all() and (area > 0).float().mean() > 0.99   # birds stay in the central crop
+    with pytest.raises(NIWTInputError, match=r"`semantic`: 'captions' needs .* \(captions dropped: 15 classes have none of 25\)"):
+        run_niwt(RunConfig(dataset="cub", root=str(shared_data / "cub"), present_only=True, semantic="captions", **TINY_RUN),
+                 out=None, log=lambda *a: None)
 
 
 @pytest.mark.shared
@@ -223,11 +244,12 @@ def test_fake_cub_run_niwt(tmp_path, monkeypatch):
     monkeypatch.setitem(DATASETS, "fakecub_test", lambda cfg: load_cub(root, img_size=16, semantic=cfg.semantic, verbose=False))
     m = run_niwt(RunConfig(dataset="fakecub_test", **TINY_RUN), out=tmp_path / "run", log=lambda *a: None, report=False)
     assert set(m["methods"]) >= {"niwt"} and math.isfinite(m["methods"]["niwt"]["H"])
-    # the registered 'cub' loader reads RunConfig.root and the optional present_only / img_size fields
+    # the registered 'cub' loader reads RunConfig.root and present_only, and keeps the image files for the pipeline to decode
     from niwt_nb.cub import cub_from_config
-    from types import SimpleNamespace           # what RunConfig looks like with the proposed present_only / img_size fields
-    cfg = SimpleNamespace(root=str(root), semantic="attributes", present_only=True, img_size=8)
-    assert cub_from_config(cfg).images.shape == (48, 3, 8, 8)
+    d = cub_from_config(RunConfig(dataset="cub", root=str(root), present_only=True, img_size=8))
+    assert d.n_img == 48 and isinstance(d.images, list)
+    d8, _ = pipeline.load_run_data(RunConfig(dataset="cub", root=str(root), img_size=8), check=False)
+    assert d8.images.shape == (48, 3, 8, 8)
 
 
 def test_fake_awa2(tmp_path):
