@@ -1,7 +1,7 @@
 """niwt_nb.distributed on 2 CPU processes (torchrun, gloo) against one process.
 
-Two torchrun jobs (~10 s each on 2 shared cores): the DDP fine-tuning + alpha extraction job of the module, with a batch
-size that splits every batch unevenly over the ranks, and a GlobalBatchNorm check with uneven shards.
+Two torchrun jobs (~10 s each on 2 shared cores): the data-parallel fine-tuning + alpha extraction job of the module,
+with a batch size that splits every batch unevenly over the ranks, and a GlobalBatchNorm check with uneven shards.
 
 Why tolerances and not equality: two ranks sum the same numbers in a different order (gradient all-reduce, BatchNorm
 statistics over shards, convolutions on half batches), so floats differ in the last bits, and Adam, which divides by the
@@ -34,6 +34,7 @@ def test_two_ranks_match_one_process(tmp_path):
                            TrainConfig(epochs=2, bs=25, lr=3e-3, seed=0))
     res = extract_alphas(ref, data, "trainval", ImportanceConfig(bs=25))
     assert two["world_size"] == 2
+    assert two["threads_after"] == []          # no gloo thread outlives the process group (they once aborted a rank at exit)
     assert two["history"]["val_acc"] == hist["val_acc"] and two["history"]["train_acc"] == hist["train_acc"]
     assert two["history"]["best_epoch"] == hist["best_epoch"]
     torch.testing.assert_close(torch.tensor(two["history"]["train_loss"]), torch.tensor(hist["train_loss"]), atol=1e-5, rtol=1e-5)
