@@ -91,10 +91,10 @@ class ImportanceConfig(Config):
             raise input_error("bs", f"expected a positive int, got {self.bs!r}", "pass e.g. bs=64")
         if self.reduce not in ("sum", "mean"): raise input_error("reduce", f"expected 'sum' or 'mean', got {self.reduce!r}", "pass reduce='sum'")
 
-# %% ../nbs/05_importance.ipynb #8621faab
+# %% ../nbs/05_importance.ipynb #128f5cc1
 def extract_alphas(model: NIWTNet, data, split: str = "trainval", cfg: ImportanceConfig | None = None, device=None,
                    out_dir=None, max_memory_mb: float | None = None, acts: ActivationCache | None = None) -> dict:
-    "Importances of each seen-class image of `split` for its own class: alphas `(n,K)`, labels, idx, class_ids, class_mean `(n_seen,K)`, counts, path."
+    "Importances of each seen-class image of `split` for its own class (from cached activations `acts` if given): alphas `(n,K)`, labels, idx, class_ids, class_mean `(n_seen,K)`, counts, path."
     cfg = ImportanceConfig() if cfg is None else cfg
     if not isinstance(cfg, ImportanceConfig): raise input_error("cfg", f"expected an ImportanceConfig, got {type(cfg).__name__}", "pass ImportanceConfig(...)")
     _check_data(data, [split]); _check_model(model, data)
