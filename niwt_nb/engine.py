@@ -152,18 +152,24 @@ def _head_grads(model, A, make_dirs, n: int, chunk_mb: float, reduce: str, fold:
         out[:, j0:j1] = g.float().transpose(0, 1) * scale
     return out
 
-# %% ../nbs/05a_engine.ipynb #bd532fb7
-def all_class_importances(model: nn.Module, x: torch.Tensor, classes=None, W: torch.Tensor | None = None,
+# %% ../nbs/05a_engine.ipynb #11e78155
+def all_class_importances(model: nn.Module, x: torch.Tensor | None = None, classes=None, W: torch.Tensor | None = None,
                           b: torch.Tensor | None = None, reduce: str = "sum", chunk_mb: float = 256,
-                          method: str = "auto", precision: str = "fp32", fold: bool = True) -> torch.Tensor:
+                          method: str = "auto", precision: str = "fp32", fold: bool = True,
+                          A: torch.Tensor | None = None) -> torch.Tensor:
     """Importances `(B, C, K)` of images `x (B,3,H,W)` for every row of the classifier (`classes=None`), for a list of
     `C` rows shared by all images, or `(B, T, K)` for `(B, T)` rows per image. Rows index `model.fc` or `W (C_all, D)`.
     One forward pass; backward passes batched over classes (`method` 'vjp') or features ('jacobian'), chunked to
     `chunk_mb`. `precision='bf16'` autocasts the network to bfloat16 (for GPUs); `fold=False` turns off the folding of
-    the head's first convolutions (same numbers, slower). Returned on `x`'s device."""
+    the head's first convolutions (same numbers, slower). Instead of images, `A=` takes their activations `(B,K,h,w)`
+    at the importance layer (e.g. from an `ActivationCache`): then only the head runs. Returned on `x`'s (`A`'s) device."""
     _check_net(model)
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise input_error("x", f"expected images (B,3,H,W), got {getattr(x, 'shape', type(x).__name__)}", "use x[None] for one image")
+    if (x is None) == (A is None):
+        raise input_error("x", "pass either images x or their activations A=, not both or neither", "e.g. all_class_importances(model, x) or (model, A=A)")
+    src, what = (x, "images (B,3,H,W)") if A is None else (A, "activations (B,K,h,w)")
+    if not isinstance(src, torch.Tensor) or src.ndim != 4:
+        raise input_error("x" if A is None else "A", f"expected {what}, got {getattr(src, 'shape', type(src).__name__)}",
+                          "use x[None] for one image" if A is None else "pass model.acts(x) or ActivationCache.gather(...)")
     if reduce not in ("sum", "mean"): raise input_error("reduce", f"expected 'sum' or 'mean', got {reduce!r}", "pass reduce='sum'")
     if method not in _METHODS: raise input_error("method", f"expected one of {_METHODS}, got {method!r}", "pass method='auto'")
     if precision not in _PRECISIONS: raise input_error("precision", f"expected one of {_PRECISIONS}, got {precision!r}", "pass precision='fp32'")
@@ -171,19 +177,21 @@ def all_class_importances(model: nn.Module, x: torch.Tensor, classes=None, W: to
     if not (isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and chunk_mb > 0):
         raise input_error("chunk_mb", f"expected a positive number of megabytes, got {chunk_mb!r}", "pass e.g. chunk_mb=256")
     Wall = _rows(model, W, b)                                                   # (C_all, D)
-    B, D = x.shape[0], Wall.shape[1]
+    B, D = src.shape[0], Wall.shape[1]
     idx, per_image = _classes(classes, B, Wall.shape[0])
     n = idx.shape[-1]                                                           # C shared classes or T per image
-    dev, out_dev = next(model.parameters()).device, x.device
+    dev, out_dev = next(model.parameters()).device, src.device
     if method == "auto": method = "jacobian" if n > D else "vjp"
     with frozen(model), torch.inference_mode(False):
-        xd = x.to(dev, non_blocking=True)
+        xd = src.to(dev, non_blocking=True)
         if xd.is_inference(): xd = xd.clone()
         Wd, idx_d = Wall.to(dev), idx.to(dev)
         if Wd.is_inference(): Wd = Wd.clone()
         amp = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         with amp:
-            with torch.no_grad(): A = model.acts(xd)                                  # (B, K, h, w): no graph
+            if x is not None:
+                with torch.no_grad(): A = model.acts(xd)                              # (B, K, h, w): no graph
+            else: A = xd.detach()
             if B == 0: return torch.zeros(0, n, A.shape[1], device=out_dev)
             with torch.enable_grad():
                 if method == "vjp":
@@ -197,22 +205,26 @@ def all_class_importances(model: nn.Module, x: torch.Tensor, classes=None, W: to
                     a = torch.einsum("bdk,btd->btk" if per_image else "bdk,cd->bck", G, Wc)
     return a.to(out_dev)
 
-# %% ../nbs/05a_engine.ipynb #ce5d022a
-def target_importances(model: nn.Module, x: torch.Tensor, targets, W: torch.Tensor | None = None, b: torch.Tensor | None = None,
-                       reduce: str = "sum", precision: str = "fp32", fold: bool = True) -> torch.Tensor:
-    "`(B, K)` importances of each image's `targets` row (an int, or one row per image) on a frozen network: one forward, one backward."
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise input_error("x", f"expected images (B,3,H,W), got {getattr(x, 'shape', type(x).__name__)}", "use x[None] for one image")
-    B = x.shape[0]
+# %% ../nbs/05a_engine.ipynb #93355d6c
+def target_importances(model: nn.Module, x: torch.Tensor | None = None, targets=None, W: torch.Tensor | None = None,
+                       b: torch.Tensor | None = None, reduce: str = "sum", precision: str = "fp32", fold: bool = True,
+                       A: torch.Tensor | None = None) -> torch.Tensor:
+    "`(B, K)` importances of each image's `targets` row (an int, or one row per image) on a frozen network, from images `x` or their activations `A=`."
+    src = x if A is None else A
+    if not isinstance(src, torch.Tensor) or src.ndim != 4:
+        raise input_error("x" if A is None else "A", f"expected images (B,3,H,W) or activations A=(B,K,h,w), got {getattr(src, 'shape', type(src).__name__)}",
+                          "use x[None] for one image")
+    if targets is None: raise input_error("targets", "is missing", "pass one target row per image (or an int for all)")
+    B = src.shape[0]
     if isinstance(targets, (int, np.integer)) and not isinstance(targets, bool): t = torch.full((B,), int(targets), dtype=torch.long)
     else:
         t = check_tensor(torch.as_tensor(targets) if isinstance(targets, (list, tuple)) else targets, "targets", dtype="long")
         if t.ndim != 1 or len(t) != B:
             raise input_error("targets", f"expected an int or {B} entries (one per image), got shape {tuple(t.shape)}",
                               "pass one target row per image (or an int for all)")
-    return all_class_importances(model, x, t[:, None], W, b, reduce, method="vjp", precision=precision, fold=fold)[:, 0]
+    return all_class_importances(model, x, t[:, None], W, b, reduce, method="vjp", precision=precision, fold=fold, A=A)[:, 0]
 
-# %% ../nbs/05a_engine.ipynb #661a816b
+# %% ../nbs/05a_engine.ipynb #002c6b91
 def to_channels_last(model: nn.Module) -> nn.Module:
     "Convert `model`'s 4-D parameters and buffers to channels-last memory format (in place; values unchanged)."
     if not isinstance(model, nn.Module): raise input_error("model", f"expected an nn.Module, got {type(model).__name__}", "pass the network")

@@ -132,3 +132,22 @@ def test_pipeline_gzsl_fast_vs_reference(tmp_path):
     torch.testing.assert_close(wf, wr, atol=1e-3, rtol=1e-2)
     for k in ("u", "s", "H", "zsl_top1", "H_cal"):
         assert abs(mf["methods"]["niwt"][k] - mr["methods"]["niwt"][k]) <= 0.02, (k, mf["methods"]["niwt"][k], mr["methods"]["niwt"][k])
+
+
+@pytest.mark.parametrize("layer", ["_blocks.15", "_blocks.14", "_blocks.11"])
+def test_lite_heads_match_loop_and_cached_activations(layer):
+    "EfficientNet-Lite0 heads (a 1x1 conv to fold, MBConv blocks with residuals, ReLU6, dropout): engine == per-class loop, from images or from A."
+    from niwt_nb.models import cache_activations
+    from types import SimpleNamespace
+    lite = build_model(ModelConfig("efficientnet_lite0", layer=layer), n_seen=5).eval()
+    x = torch.randint(0, 256, (3, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ref = loop(lite, x, 5)
+    torch.testing.assert_close(all_class_importances(lite, x), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(all_class_importances(lite, x, fold=False), ref, atol=1e-5, rtol=1e-4)
+    d = SimpleNamespace(labels=torch.zeros(3, dtype=torch.long), splits={}, seen=torch.arange(5), images=x)
+    c = cache_activations(lite, d, torch.arange(3), dtype="float32")
+    A = c.gather(torch.arange(3))
+    torch.testing.assert_close(all_class_importances(lite, A=A), ref, atol=1e-5, rtol=1e-4)
+    t = torch.tensor([4, 0, 2])
+    torch.testing.assert_close(target_importances(lite, targets=t, A=A), importances(lite, x, t), atol=1e-5, rtol=1e-4)
+    with pytest.raises(NIWTInputError, match="`A`"): target_importances(lite, targets=t, A=A[0])

@@ -1,5 +1,6 @@
-"Bad input, cleanup and determinism of niwt_nb.models and niwt_nb.importance (beyond the notebooks' own tests)."
-import urllib.error, warnings
+"Bad input, cleanup, determinism, cached activations and resume of niwt_nb.models and niwt_nb.importance (beyond the notebooks' own tests)."
+import os, signal, subprocess, sys, textwrap, time, urllib.error, warnings
+from pathlib import Path
 from types import SimpleNamespace
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ from torch import nn
 
 from niwt_nb.core import NIWTInputError, import_torchvision, eval_mode
 import niwt_nb.models as M
-from niwt_nb.models import ModelConfig, build_model, TrainConfig, train_seen, ImageNorm, predict, iter_batches
+from niwt_nb.models import (ModelConfig, build_model, TrainConfig, train_seen, ImageNorm, predict, iter_batches, cache_activations,
+                            load_activations, ActivationCache, natural_input_size, input_norm, LAYER_CANDIDATES, BACKBONES)
 from niwt_nb.importance import importances, importances_from_acts, extract_alphas, ImportanceConfig
 
 tv = import_torchvision()
@@ -98,15 +100,20 @@ def test_every_resnet_cut_computes_the_uncut_network(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad(): want = ref(ImageNorm()(x))
     for layer in ["maxpool", "layer1", "layer1.0", "layer2.1", "layer3.0", "layer4", "layer4.0"]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = build_model(ModelConfig("resnet18", layer=layer, weights=str(tmp_path / "r18.pt")), 3).eval()
+        net = build_model(ModelConfig("resnet18", layer=layer, weights=str(tmp_path / "r18.pt"), linear_head_ok=layer == "layer4"), 3).eval()
         assert "fc loaded from the file" in net.weights_desc
         with torch.no_grad(): torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_head_warns():
-    with pytest.warns(UserWarning, match="linear in A"): build_model(ModelConfig("resnet18", layer="layer4.1"), 3)
+@pytest.mark.parametrize("backbone,layer", [("resnet18", "layer4.1"), ("resnet18", "layer4"), ("smallcnn", "features.3"),
+                                            ("efficientnet_lite0", "_head_act")])
+def test_linear_head_refused_unless_opted_in(backbone, layer):
+    "Only pooling / linear layers / dropout above A: a clear error on `layer` by default, buildable with linear_head_ok=True."
+    with pytest.raises(NIWTInputError, match=r"^`layer`: the head above .* is linear in A .*linear_head_ok=True"):
+        build_model(ModelConfig(backbone, layer=layer), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                           # no warning either
+        assert build_model(ModelConfig(backbone, layer=layer, linear_head_ok=True), 3).layer == layer
 
 
 # ---- weights --------------------------------------------------------------------------------------------------------
@@ -122,12 +129,22 @@ def test_bad_weights_files(tmp_path):
 
 
 def test_weights_from_another_architecture(tmp_path):
+    "One line, counts instead of a key dump, and the architecture the file looks like."
     torch.save(tv.models.resnet18().state_dict(), tmp_path / "r18.pt")
-    with pytest.raises(NIWTInputError, match=r"missing keys \d+ .*unexpected keys \d+"):
+    with pytest.raises(NIWTInputError, match=r"does not fit resnet50: it looks like a resnet18 state dict; missing keys \d+, unexpected keys \d+") as e:
         build_model(ModelConfig("resnet50", weights=str(tmp_path / "r18.pt")), 3)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 600 and "ModelConfig(backbone='resnet18'" in str(e.value)
     torch.save(small().state_dict(), tmp_path / "w8.pt")
-    with pytest.raises(NIWTInputError, match=r"shape mismatches \d+ \(\['features.0.0.weight: file \(8, 3, 3, 3\) vs model \(16, 3, 3, 3\)"):
+    with pytest.raises(NIWTInputError, match=r"smallcnn \(width 16\): it looks like a smallcnn \(width 8\) state dict; .*shape mismatches \d+ "
+                                             r"\(first: features.0.0.weight: file \(8, 3, 3, 3\) vs model \(16, 3, 3, 3\)\).*width=8"):
         build_model(ModelConfig(width=16, weights=str(tmp_path / "w8.pt"), layer="features.2"), 4)
+    from niwt_nb.efficientnet import pretrained_path
+    with pytest.raises(NIWTInputError, match="it looks like a efficientnet_lite0 state dict") as e:
+        build_model(ModelConfig("efficientnet_lite1", weights=str(pretrained_path("efficientnet_lite0"))), 3)
+    assert "\n" not in str(e.value)
+    torch.save({"conv.weight": torch.zeros(2, 3, 3, 3)}, tmp_path / "unknown.pt")
+    with pytest.raises(NIWTInputError, match=r"does not fit resnet18: missing keys \d+, unexpected keys 1"):
+        build_model(ModelConfig("resnet18", weights=str(tmp_path / "unknown.pt")), 3)
 
 
 def test_checkpoint_formats_and_prefixes(tmp_path):
@@ -145,8 +162,9 @@ def test_checkpoint_formats_and_prefixes(tmp_path):
 def test_imagenet_offline_and_cached(monkeypatch):
     def offline(w): raise urllib.error.URLError("[Errno -2] Name or service not known")
     monkeypatch.setattr(M, "_download_state_dict", offline)
-    with pytest.raises(NIWTInputError, match="resnet18-f37072fd.pth elsewhere and pass its local path"):
+    with pytest.raises(NIWTInputError, match="resnet18-f37072fd.pth elsewhere and pass its local path") as e:
         build_model(ModelConfig("resnet18", weights="imagenet"), 3)
+    assert "--backbone efficientnet_lite0 --weights imagenet" in str(e.value) and "\n" not in str(e.value)
     src = tv.models.resnet18()
     monkeypatch.setattr(M, "_download_state_dict", lambda w: src.state_dict())
     net = build_model(ModelConfig("resnet18", weights="imagenet"), 3)
@@ -309,3 +327,196 @@ def test_with_zsldata_in_memory_and_files(tmp_path):
     torch.testing.assert_close(p_file["logits"][same], p_mem["logits"][same])
     res = extract_alphas(net, f, cfg=ImportanceConfig(bs=4, img_size=24))
     assert res["alphas"].shape == (len(d.splits["trainval"]), 32) and torch.isfinite(res["alphas"]).all()
+
+
+# ---- EfficientNet-Lite backbones -------------------------------------------------------------------------------------
+def test_natural_input_size_and_normalisation():
+    assert [natural_input_size(b) for b in BACKBONES] == [None, 224, 224, 224, 224, 224, 240, 260]
+    with pytest.raises(NIWTInputError, match="`backbone`"): natural_input_size("efficientnet_b0")
+    for b in BACKBONES:
+        mean, std = input_norm(b)
+        net = build_model(ModelConfig(b, width=8), 2) if b in ("smallcnn", "resnet18", "efficientnet_lite0") else None
+        if net is not None: torch.testing.assert_close(net.body.normalize.std.flatten(), torch.tensor(std))
+    assert input_norm("efficientnet_lite1") == ((127 / 255,) * 3, (128 / 255,) * 3) and input_norm("vgg16")[0][0] == 0.485
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_candidate_layers_build_and_cut_exactly(backbone):
+    "Every candidate layer of Lite1/Lite2 builds (with a nonlinear head) and computes the uncut network."
+    from niwt_nb.efficientnet import EfficientNetLite
+    ref = EfficientNetLite(backbone, 3).eval()
+    for m in ref.modules():  # non-trivial BN statistics, so a misplaced module would show
+        if isinstance(m, nn.BatchNorm2d): m.running_mean.uniform_(-.1, .1); m.running_var.uniform_(.5, 2)
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad(): want = ref(ImageNorm(*input_norm(backbone))(x))
+    sd = ref.state_dict()
+    orig = lambda k: "_" + k if k.startswith("fc.") else k.removeprefix("body.").removeprefix("head.")
+    for layer, K in zip(LAYER_CANDIDATES[backbone], (352 if backbone.endswith("2") else 320, 208 if backbone.endswith("2") else 192, None)):
+        net = build_model(ModelConfig(backbone, layer=layer), 3).eval()
+        net.load_state_dict({k: sd[orig(k)] for k in net.state_dict()})
+        with torch.no_grad(): torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
+        if K is not None: assert net.K == K, (layer, net.K)
+
+
+def test_lite_imagenet_weights_offline():
+    from niwt_nb.efficientnet import pretrained_state_dict
+    net = build_model(ModelConfig("efficientnet_lite2", weights="imagenet", layer="_blocks.19"), 5)
+    sd = pretrained_state_dict("efficientnet_lite2")
+    assert torch.equal(net.body._blocks[19]._project_conv.weight, sd["_blocks.19._project_conv.weight"])
+    assert torch.equal(net.head._conv_head.weight, sd["_conv_head.weight"]) and net.fc.out_features == 5
+    assert "efficientnet-lite2-9656183e.pth, sha256 verified" in net.weights_desc
+
+
+def test_torchvision_download_fails_fast_offline(monkeypatch, tmp_path):
+    "No cached file and an unreachable host: an OSError from the connection check, before any download starts."
+    from types import SimpleNamespace as NS
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    called = []
+    fake = NS(url="https://download.example.invalid/models/resnet18-f37072fd.pth", get_state_dict=lambda **kw: called.append(1))
+    with pytest.raises(OSError, match="cannot be reached"): M._download_state_dict(fake, timeout=1)
+    assert not called
+    (tmp_path / "checkpoints").mkdir(); (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"cached")
+    M._download_state_dict(fake, timeout=1)                                    # cached: no connection check needed
+    assert called
+
+
+# ---- cached activations -----------------------------------------------------------------------------------------------
+def test_cached_training_equals_frozen_body_with_dropout_head():
+    "EfficientNet-Lite's head has dropout (global RNG) and BatchNorm in train mode: the cached run draws the same numbers."
+    data = tiny_data(n_per=8)
+    mcfg = ModelConfig("efficientnet_lite0", layer="_blocks.14")                 # head: an MBConv (drop connect) + conv_head + dropout
+    cfg = TrainConfig(epochs=2, bs=8, lr=1e-3, patience=None, finetune_all=False, augment=True)
+    n_img, h_img = train_seen(build_model(mcfg, 4), data, cfg)
+    n_c, h_c = train_seen(build_model(mcfg, 4), data, cfg.replace(mode="cached", cache_dtype="float32"))
+    assert h_c["val_acc"] == h_img["val_acc"] and h_c["phase"] == ["head", "head"]
+    torch.testing.assert_close(torch.tensor(h_c["train_loss"]), torch.tensor(h_img["train_loss"]), atol=1e-5, rtol=1e-5)
+    for k, v in n_img.state_dict().items():
+        torch.testing.assert_close(n_c.state_dict()[k].float(), v.float(), atol=1e-4, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert not n_c.training and clean(n_c)
+
+
+def test_cache_over_budget_streams_to_memmap(tmp_path):
+    data, net = tiny_data(), small().eval()
+    mem = cache_activations(net, data, "trainval", flip=True, bs=9)
+    disk = cache_activations(net, data, "trainval", flip=True, bs=9, budget_mb=0.01, path=tmp_path / "a")
+    assert mem.in_memory and not disk.in_memory and isinstance(disk.store, np.memmap)
+    assert torch.equal(disk.gather(torch.arange(len(disk)), flipped=torch.arange(len(disk)) % 2 == 0),
+                       mem.gather(torch.arange(len(mem)), flipped=torch.arange(len(mem)) % 2 == 0))
+    again = load_activations(tmp_path / "a", budget_mb=0.01)                       # still over budget: a memmap
+    assert not again.in_memory and again.meta == disk.meta and "memmap" in repr(again)
+    assert load_activations(tmp_path / "a").in_memory
+    # fine-tuning over budget uses a temporary memmap folder: same result as in RAM, nothing left behind
+    cfg = TrainConfig(epochs=2, bs=8, patience=None, mode="cached", cache_dtype="float32")
+    a, ha = train_seen(small(), data, cfg)
+    b, hb = train_seen(small(), data, cfg.replace(cache_budget_mb=0.01))
+    assert ha["train_loss"] == hb["train_loss"] and torch.equal(a.fc.weight, b.fc.weight)
+
+
+def test_cache_build_failure_leaves_nothing(tmp_path):
+    data, net = tiny_data(), small().eval()
+    calls = []
+    orig = net.body.forward
+    def flaky(x):
+        calls.append(1)
+        if len(calls) == 3: raise RuntimeError("interrupted")
+        return orig(x)
+    net.body.forward = flaky
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cache_activations(net, data, "trainval", bs=9, budget_mb=0.001, path=tmp_path / "acts")
+    assert list(tmp_path.iterdir()) == []
+    del net.body.forward
+    with pytest.raises(NIWTInputError, match="no finished activation cache"): load_activations(tmp_path / "acts")
+    c = cache_activations(net, data, "trainval", bs=9, path=tmp_path / "acts")   # in RAM, and saved there
+    assert c.in_memory and sorted(p.name for p in tmp_path.iterdir()) == ["acts"]
+    assert torch.equal(load_activations(tmp_path / "acts").store, c.store)
+
+
+def test_cache_bad_input():
+    data, net = tiny_data(), small()
+    with pytest.raises(NIWTInputError, match="`idx`: has repeated"): cache_activations(net, data, torch.tensor([1, 1]))
+    with pytest.raises(NIWTInputError, match="`idx`: has no images"): cache_activations(net, data, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(NIWTInputError, match="`budget_mb`"): cache_activations(net, data, "val", budget_mb=-1)
+    with pytest.raises(NIWTInputError, match="`model`"): cache_activations(nn.Linear(2, 2), data, "val")
+    c = cache_activations(net, data, "val", img_size=24)
+    with pytest.raises(NIWTInputError, match="img_size=24 but img_size=32"): predict(net, data, "val", img_size=32, acts=c)
+    with pytest.raises(NIWTInputError, match="`acts`: expected an ActivationCache"): predict(net, data, "val", acts="cache")
+    with pytest.raises(NIWTInputError, match="flipped images but the cache holds none"): c.gather([0], flipped=[True])
+
+
+def test_alphas_and_predictions_from_cache_match_images():
+    data, net = tiny_data(), small().eval()
+    c = cache_activations(net, data, torch.cat([data.splits["trainval"], data.splits["test_seen"]]), dtype="float32", bs=13)
+    ref = extract_alphas(net, data, cfg=ImportanceConfig(bs=10))
+    got = extract_alphas(net, data, cfg=ImportanceConfig(bs=7), acts=c)
+    torch.testing.assert_close(got["alphas"], ref["alphas"], atol=1e-5, rtol=1e-4)
+    p_img, p_c = predict(net, data, "test_seen", bs=4), predict(net, data, "test_seen", bs=64, acts=c)
+    torch.testing.assert_close(p_c["logits"], p_img["logits"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(p_c["labels"], p_img["labels"])
+
+
+# ---- resume -----------------------------------------------------------------------------------------------------------
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    import niwt_nb.models as M
+    from niwt_nb.data import make_toy_data
+    ck, k, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    calls, orig = [], M._val_acc
+    def slow(*a, **kw):                            # called once per epoch; hang in epoch k+1, after epoch k was saved
+        calls.append(1)
+        if len(calls) == k + 2: time.sleep(600)
+        return orig(*a, **kw)
+    M._val_acc = slow
+    d = make_toy_data(n_cls=6, n_unseen=2, n_per_class=12, size=16)
+    cfg = M.TrainConfig(epochs=4, head_epochs=1, bs=8, lr=3e-3, patience=None, mode=mode)
+    M.train_seen(M.build_model(M.ModelConfig(width=8), len(d.seen)), d, cfg, ckpt_path=ck)
+""")
+
+
+@pytest.mark.parametrize("mode", ["full", "cached"])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, mode):
+    "SIGKILL a fine-tuning process after epoch 1 was checkpointed; rerunning resumes at epoch 2 and ends exactly as an uninterrupted run."
+    from niwt_nb.data import make_toy_data
+    script, ck, k = tmp_path / "job.py", tmp_path / "ck.pt", 1
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(M.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script), str(ck), str(k), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while True:                                                               # poll for the checkpoint of epoch k
+            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint of epoch 1 within 180 s"
+            if ck.exists() and torch.load(ck, weights_only=True)["resume"]["last_epoch"] == k: break
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    saved = torch.load(ck, weights_only=True)
+    assert saved["resume"]["last_epoch"] == k and not saved["resume"]["done"] and len(saved["history"]["epoch"]) == k + 1
+    d = make_toy_data(n_cls=6, n_unseen=2, n_per_class=12, size=16)
+    cfg = TrainConfig(epochs=4, head_epochs=1, bs=8, lr=3e-3, patience=None, mode=mode)
+    resumed, h_res = train_seen(build_model(ModelConfig(width=8), len(d.seen)), d, cfg, ckpt_path=ck)
+    straight, h_str = train_seen(build_model(ModelConfig(width=8), len(d.seen)), d, cfg)
+    assert h_res["epoch"] == [0, 1, 2, 3]
+    assert {k: v for k, v in h_res.items() if k != "seconds"} == {k: v for k, v in h_str.items() if k != "seconds"}
+    for name, v in straight.state_dict().items(): assert torch.equal(resumed.state_dict()[name], v), name
+    assert torch.load(ck, weights_only=True)["resume"]["done"]
+
+
+def test_resume_refuses_other_runs_with_a_warning(tmp_path):
+    data, ck = tiny_data(), tmp_path / "ck.pt"
+    cfg = TrainConfig(epochs=2, bs=16, patience=None)
+    train_seen(small(), data, cfg, ckpt_path=ck)
+    for other, why in [(dict(cfg=cfg.replace(lr=1e-2)), "config"), (dict(cfg=cfg, net=small(seed=5)), "initial weights")]:
+        with pytest.warns(UserWarning, match="from another run"):
+            net, h = train_seen(other.get("net", small()), data, other["cfg"], ckpt_path=ck)
+        assert h["epoch"] == [0, 1], why                                          # trained from epoch 0
+    ck.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="cannot be loaded"): train_seen(small(), data, cfg, ckpt_path=ck)
+    torch.save({"model": small().state_dict()}, ck)                               # an old best-state-only file
+    with pytest.warns(UserWarning, match="no resume record"): train_seen(small(), data, cfg, ckpt_path=ck)
+    ckd = torch.load(ck, weights_only=True)
+    assert set(ckd) >= {"model", "epoch", "val_acc", "history", "train_config", "resume"}
+    assert set(ckd["resume"]) >= {"model", "optimizer", "generator", "torch_rng", "fingerprint", "last_epoch", "best", "bad"}
