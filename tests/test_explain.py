@@ -165,9 +165,7 @@ def test_textual_explanation_known_answer():
     inv = fit_alpha2dom(al, lab, dom, classes=range(10), val_classes=[10, 11])
     assert isinstance(inv, Alpha2Dom) and inv.report["val_pearson_best"] > 0.9
     assert inv.report["lam"] in inv.report["lams"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lin = build_model(ModelConfig(width=8, layer="features.3"), n_seen=15)   # importances = the classifier row
+    lin = build_model(ModelConfig(width=8, layer="features.3", linear_head_ok=True), n_seen=15)   # importances = the classifier row
     e = explain_pred(lin, torch.rand(3, 3, 32, 32), torch.tensor([12, 13, 14]), inv, list("ABCDEF"), k=2, W=W)
     assert [sorted(n) for n in e["names"]] == [["D", "E"], ["D", "F"], ["E", "F"]]
     assert text_precision(e["idx"], dom[12:]).tolist() == [1., 1., 1.]
