@@ -611,4 +611,5 @@ d = { 'settings': { 'branch': 'main',
                                 'niwt_nb.xlsa17.read_text': ('xlsa17.html#read_text', 'niwt_nb/xlsa17.py'),
                                 'niwt_nb.xlsa17.text_lines': ('xlsa17.html#text_lines', 'niwt_nb/xlsa17.py'),
                                 'niwt_nb.xlsa17.transform_boxes': ('xlsa17.html#transform_boxes', 'niwt_nb/xlsa17.py'),
+                                'niwt_nb.xlsa17.transform_points': ('xlsa17.html#transform_points', 'niwt_nb/xlsa17.py'),
                                 'niwt_nb.xlsa17.verify_file': ('xlsa17.html#verify_file', 'niwt_nb/xlsa17.py')}}}

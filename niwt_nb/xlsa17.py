@@ -17,8 +17,8 @@ from .data import ZSLData, make_train_val
 __all__ = ['SPLIT_KEYS', 'OPTIONAL_SPLIT_KEYS', 'SOURCES', 'DECODE_MODES', 'CROP_FRACTION', 'read_text', 'text_lines',
            'read_class_list', 'image_key', 'read_img_list', 'read_lab_list', 'read_mat', 'read_splits_mat',
            'read_res101_mat', 'match_classes', 'class_ids', 'check_labels', 'check_split_classes', 'verify_file',
-           'fetch', 'pick_val_classes', 'crop_geometry', 'transform_boxes', 'decode_images', 'decode_data',
-           'build_xlsa17_data']
+           'fetch', 'pick_val_classes', 'crop_geometry', 'transform_boxes', 'transform_points', 'decode_images',
+           'decode_data', 'build_xlsa17_data']
 
 # %% ../nbs/02a_xlsa17.ipynb #104dd6e9
 _CTRL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
@@ -390,6 +390,14 @@ def transform_boxes(boxes: torch.Tensor, wh: torch.Tensor, size: int, mode: str 
     scale, off = crop_geometry(wh, size, mode)
     return (boxes * scale.repeat(1, 2) - off.repeat(1, 2)).clamp(0, size)
 
+def transform_points(pts: torch.Tensor, wh: torch.Tensor, size: int, mode: str = "crop") -> torch.Tensor:
+    """Points `(n, P, 3)` (x, y, visible) in original pixels -> pixels of the decoded images; a point that falls outside
+    the crop becomes invisible (`visible = 0`)."""
+    scale, off = crop_geometry(wh, size, mode)
+    xy = pts[..., :2] * scale[:, None] - off[:, None]
+    inside = ((xy >= 0) & (xy < size)).all(-1)
+    return torch.cat([xy, (pts[..., 2] * inside)[..., None]], -1)
+
 def decode_images(paths: Sequence, size: int, root=None, workers: int | None = None, mode: str = "crop") -> tuple[torch.Tensor, torch.Tensor]:
     """Decode image files into `uint8 (n, 3, size, size)` RGB and their original `(n, 2)` (width, height). `mode='crop'`
     (default): shorter side to `size / 0.875`, central crop (see `crop_geometry`); `'square'`: bilinear resize to a square."""
@@ -429,6 +437,7 @@ def decode_data(d: ZSLData, size: int, mode: str = "crop", workers: int | None =
     images, wh = decode_images(d.images, size, d.meta.get("image_root"), workers, mode)
     boxes = transform_boxes(d.boxes, wh, size, mode) if d.boxes is not None else None
     meta = {**d.meta, "img_size": size, "decode": mode, "image_wh": wh}
+    if meta.get("part_locs") is not None: meta["part_locs"] = transform_points(meta["part_locs"], wh, size, mode)
     return dataclasses.replace(d, images=images, boxes=boxes, meta=meta).validate()
 
 # %% ../nbs/02a_xlsa17.ipynb #df7e488d
