@@ -6,7 +6,7 @@ from torch import nn
 from hypothesis import given, settings, strategies as st
 
 from niwt_nb.core import NIWTInputError, eval_mode
-from niwt_nb.dom2alpha import Dom2AlphaConfig, fit_dom2alpha, spearman_rows, _class_sums, _cos_loss
+from niwt_nb.dom2alpha import Dom2AlphaConfig, Dom2Alpha, fit_dom2alpha, spearman_rows, _class_sums, _cos_loss
 from niwt_nb.alpha2w import (Alpha2WConfig, fit_alpha2w, importance_matrix, alpha2w_objective, alpha2w_penalty,
                              _reference_alpha, _reference_pair_alpha, _pairs_loss_grad, _Plateau, _frozen)
 
@@ -124,6 +124,7 @@ def test_alpha2w_bad_input(tiny, name, override, msg):
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(arch="gru"), "`arch`"), (dict(lr=0), "`lr`"), (dict(wd=-1), "`wd`"),
+                                    (dict(init="he"), "`init`"), (dict(norm_reg=-0.1), "`norm_reg`"),
                                     (dict(max_epochs=0), "`max_epochs`"), (dict(bs=-3), "`bs`"), (dict(hidden=1.5), "`hidden`")])
 def test_dom2alpha_config_bad(kw, msg):
     with pytest.raises(NIWTInputError, match=msg): Dom2AlphaConfig(**kw)
@@ -193,6 +194,67 @@ def test_dom2alpha_without_val_classes_runs_all_epochs():
     dom, alphas, labels = synth_dom()
     _, rep = fit_dom2alpha(dom, alphas, labels, torch.arange(20), [], Dom2AlphaConfig(max_epochs=40, patience=5))
     assert rep["epochs"] == 40 and rep["val_cos"] is None and rep["n_val_img"] == 0
+    assert (rep["best_epoch"], rep["refit_epochs"]) == (39, 40)
+
+
+@pytest.mark.parametrize("bs", [None, 16], ids=["fullbatch", "minibatch"])
+def test_dom2alpha_refit_keeps_the_last_epoch(bs):
+    "Selection on val classes gives refit_epochs; a refit with no val classes keeps exactly the map after that many epochs."
+    dom, alphas, labels = synth_dom()
+    cfg = Dom2AlphaConfig(lr=5e-2, wd=0, bs=bs, max_epochs=60, patience=10)
+    _, rep = fit_dom2alpha(dom, alphas, labels, torch.arange(4), torch.arange(15, 20), cfg)  # overfits: stops early
+    assert rep["epochs"] < 60 and rep["refit_epochs"] == rep["best_epoch"] + 1
+    k = rep["refit_epochs"]
+    m_k, rep_k = fit_dom2alpha(dom, alphas, labels, torch.arange(15), [], cfg.replace(max_epochs=k))
+    m_k1, _ = fit_dom2alpha(dom, alphas, labels, torch.arange(15), [], cfg.replace(max_epochs=k + 1))
+    m_all, _ = fit_dom2alpha(dom, alphas, labels, torch.arange(15), [], cfg.replace(max_epochs=2 * k + 5))
+    assert rep_k["epochs"] == k
+    with torch.no_grad():
+        assert not torch.equal(m_k(dom), m_k1(dom)) and not torch.equal(m_k(dom), m_all(dom))
+    # the k-epoch run is the start of the longer one: same training losses for the first k epochs
+    _, rep_long = fit_dom2alpha(dom, alphas, labels, torch.arange(15), [], cfg.replace(max_epochs=k + 3))
+    assert rep_long["history"]["train_loss"][:k] == rep_k["history"]["train_loss"]
+
+
+def test_dom2alpha_norm_reg_matches_the_original_term_and_pulls_norms():
+    dom, alphas, labels = synth_dom()
+    tr = torch.arange(15)
+    m0, _ = fit_dom2alpha(dom, alphas, labels, tr, torch.arange(15, 20), Dom2AlphaConfig(max_epochs=200))
+    m1, _ = fit_dom2alpha(dom, alphas, labels, tr, torch.arange(15, 20), Dom2AlphaConfig(max_epochs=200, norm_reg=1e-3))
+    keep = labels < 15
+    with torch.no_grad():
+        r0, r1 = (((m(dom)[labels[keep]] ** 2).sum() / (alphas[keep] ** 2).sum()).item() for m in (m0, m1))
+    assert abs(r1 - 1) < 0.1 < abs(r0 - 1), (r0, r1)
+    # the first full-batch loss is cosine + lam * |1/2 sum ||pred_i||^2 - 1/2 sum ||alpha_i||^2| over the training images
+    cfg = Dom2AlphaConfig(max_epochs=1, norm_reg=1e-3)
+    _, rep = fit_dom2alpha(dom, alphas, labels, tr, [], cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed); m = Dom2Alpha(dom.shape[1], alphas.shape[1], cfg)
+    with torch.no_grad():
+        p = m(dom)[labels[keep]]
+        want = 1 - F.cosine_similarity(p, alphas[keep]).mean() + 1e-3 * abs(0.5 * (p ** 2).sum() - 0.5 * (alphas[keep] ** 2).sum())
+    assert abs(rep["history"]["train_loss"][0] - want.item()) < 1e-5
+
+
+def test_dom2alpha_centring_round_trip_and_geometry():
+    dom, alphas, labels = synth_dom()
+    alphas = alphas + 4 * alphas.std() * torch.rand(1, alphas.shape[1], generator=torch.Generator().manual_seed(3))
+    cfg = Dom2AlphaConfig(center_alphas=True, max_epochs=300)
+    m, rep = fit_dom2alpha(dom, alphas, labels, torch.arange(15), torch.arange(15, 20), cfg)
+    u_bar = F.normalize(alphas[labels < 15], dim=1).mean(0)
+    torch.testing.assert_close(m.center, u_bar)
+    r = F.normalize(alphas, dim=1) - u_bar
+    rho = torch.stack([r[labels == c].mean(0) for c in range(15)]).norm(dim=1).mean()
+    torch.testing.assert_close(m.radius, rho)
+    m2 = Dom2Alpha(dom.shape[1], alphas.shape[1], cfg); m2.load_state_dict(m.state_dict()); m2.eval()
+    with torch.no_grad(): torch.testing.assert_close(m2(dom), m(dom))     # what the pipeline and the bundle do
+    assert rep["val_cos_centered"] > 0.8 and rep["val_cos_centered"] < rep["val_cos_class_mean"], rep
+
+
+def test_dom2alpha_normal_init_is_the_originals():
+    m = Dom2Alpha(200, 300, Dom2AlphaConfig(init="normal"))
+    assert abs(m.net.weight.std().item() - 1) < 0.02 and abs(m.net.weight.mean().item()) < 0.02
+    assert abs(m.net.bias.std().item() - 1) < 0.15
 
 
 # ---------------------------------------------------------------- alpha2w
