@@ -12,66 +12,82 @@ import torch.nn.functional as F
 from .core import Config, input_error, check_tensor, eval_mode
 
 # %% auto #0
-__all__ = ['Alpha2WConfig', 'importance_matrix', 'alpha2w_objective', 'fit_alpha2w', 'plot_alpha2w_history']
+__all__ = ['Alpha2WConfig', 'importance_matrix', 'alpha2w_penalty', 'alpha2w_objective', 'fit_alpha2w', 'plot_alpha2w_history']
 
-# %% ../nbs/07_alpha2w.ipynb #3b6f8b5c
-_FEEDS, _METHODS = ("seen", "noise", "other"), ("fast", "reference")
+# %% ../nbs/07_alpha2w.ipynb #0615e4f8
+_FEEDS, _METHODS, _OBJECTIVES = ("seen", "noise", "other"), ("fast", "reference"), ("mean_alpha", "pairs")
+_PENALTIES, _STOPS, _BIASES = ("mean", "half_sum"), ("absolute", "relative"), ("seen_mean", "zero")
 
 @dataclass(frozen=True)
 class Alpha2WConfig(Config):
     "Hyperparameters of alpha -> w (see `fit_alpha2w`)."
+    objective: str = "mean_alpha"   # 'mean_alpha': cosine of the feed-averaged importances; 'pairs': mean per-image cosine over (image, class) pairs (original)
     lr: float = 3e-3                # Adam learning rate, in units of the weights (seen weights are O(0.1) per entry)
-    lam: float = 1e-3               # weight of the L2 pull ||w - mean(W_seen)||^2
-    init_std: float | None = None   # std of the Gaussian init around mean(W_seen); None: per-dimension std of W_seen
+    lam: float = 1e-3               # weight of the L2 pull towards mean(W_seen), scaled as `penalty` says
+    penalty: str = "mean"           # 'mean': lam * mean_c ||w_c - w_bar||^2 ; 'half_sum': lam * 1/2 sum_c ||w_c - w_bar||^2 (original)
+    init_std: float | None = None   # std of the Gaussian init around mean(W_seen); None: per-dimension std of W_seen (original)
+    bias: str = "seen_mean"         # bias of every new class: 'seen_mean' (mean seen bias) or 'zero' (original)
     max_steps: int = 3000           # upper bound on Adam steps
-    patience: int = 100             # stop after this many steps without improving the best loss by min_delta
-    min_delta: float = 1e-5         # absolute loss improvement that counts as progress
+    stop: str = "absolute"          # progress = loss below the monitored loss by `min_delta` ('absolute') or by a fraction `rel_delta` ('relative', original)
+    patience: int = 100             # stop after this many steps without progress (the original's window: 40)
+    min_delta: float = 1e-5         # stop='absolute': loss decrease that counts as progress
+    rel_delta: float = 0.01         # stop='relative': relative loss decrease that counts as progress (original: eps_perc 0.01)
     feed: str = "seen"              # what the fed images are: 'seen' training images, 'noise' or 'other' (recorded only)
     n_feed: int = 128               # how many images the caller should feed (recorded; the pipeline builds the tensor)
-    bs: int = 64                    # images per forward pass ('fast') / per Adam step ('reference')
-    method: str = "fast"            # 'fast': precompute G once; 'reference': double backward at every step
-    chunk_mb: int = 256             # memory budget of one batched backward when computing G ('fast')
+    bs: int = 64                    # 'fast': images per batched backward; 'reference': images ('mean_alpha') or pairs ('pairs') per Adam step
+    method: str = "fast"            # 'fast': precompute the importance matrices once; 'reference': double backward at every step
+    chunk_mb: int = 256             # memory budget of one batched backward / one chunk of per-image matrices
+    g_budget_mb: float = 2048       # 'fast' + 'pairs': memory for the per-image G_x (N*K*D): float32, else float16, else mini-batches
     seed: int = 0
 
     def __post_init__(self):
-        if self.feed not in _FEEDS: raise input_error("feed", f"unknown feed {self.feed!r}", f"use one of {_FEEDS}")
-        if self.method not in _METHODS: raise input_error("method", f"unknown method {self.method!r}", f"use one of {_METHODS}")
+        for k, allowed in (("objective", _OBJECTIVES), ("penalty", _PENALTIES), ("stop", _STOPS), ("bias", _BIASES),
+                           ("feed", _FEEDS), ("method", _METHODS)):
+            if getattr(self, k) not in allowed: raise input_error(k, f"unknown {k} {getattr(self, k)!r}", f"use one of {allowed}")
         for k in ("max_steps", "patience", "n_feed", "bs", "chunk_mb"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise input_error(k, f"must be a positive int, got {v!r}", f"pass e.g. {k}=64")
+        if isinstance(self.g_budget_mb, bool) or not isinstance(self.g_budget_mb, (int, float)) or not self.g_budget_mb > 0:
+            raise input_error("g_budget_mb", f"must be a positive number of MB, got {self.g_budget_mb!r}", "pass e.g. g_budget_mb=2048")
         if not self.lr > 0: raise input_error("lr", f"must be > 0, got {self.lr}", "pass e.g. lr=1e-3")
         if not self.lam >= 0: raise input_error("lam", f"must be >= 0, got {self.lam}", "pass lam=0 to disable the L2 pull")
         if not self.min_delta >= 0: raise input_error("min_delta", f"must be >= 0, got {self.min_delta}", "pass e.g. min_delta=1e-5")
+        if not 0 <= self.rel_delta < 1: raise input_error("rel_delta", f"must be in [0, 1), got {self.rel_delta}", "pass e.g. rel_delta=0.01 (1 %)")
         if self.init_std is not None and not self.init_std >= 0:
             raise input_error("init_std", f"must be None or >= 0, got {self.init_std}", "pass None to use the spread of the seen weights")
 
-# %% ../nbs/07_alpha2w.ipynb #65882f9d
+# %% ../nbs/07_alpha2w.ipynb #58d84415
 from .engine import frozen as _frozen  # eval mode + no parameter gradients, both restored on exit
 
 def _device(model): return next(model.parameters(), torch.empty(0)).device
 
-def _batch_G(model, A, chunk_mb):
-    "Sum over the batch and space of df/dA for a batch of activations `A` (B,K,h,w) -> (K, D)."
+def _row_grads(model, A, V, chunk_mb):
+    """Spatially summed gradients of `f(A) @ v` w.r.t. activations `A` `(B,K,h,w)` for every row `v` of `V` `(m, D)`
+    (`None`: the identity, i.e. every feature), image by image: `(B, m, K)`."""
+    with torch.enable_grad(): return _row_grads_(model, A, V, chunk_mb)
+
+def _row_grads_(model, A, V, chunk_mb):
     A = A.detach().requires_grad_(True)
     f = model.features(A)  # (B, D)
     B, D = f.shape
-    chunk = max(1, int(chunk_mb * 2**20 // (A.element_size() * A.numel())))  # basis vectors per batched backward
-    cols = []
-    for j in range(0, D, chunk):
-        c = min(chunk, D - j)
-        go = torch.zeros(c, B, D, dtype=f.dtype, device=f.device)
-        go[torch.arange(c), :, j + torch.arange(c)] = 1  # basis vector e_{j+i} for every image
+    V = torch.eye(D, dtype=f.dtype, device=f.device) if V is None else V.detach().to(f)
+    chunk = max(1, int(chunk_mb * 2**20 // (A.element_size() * A.numel())))  # rows per batched backward
+    out = []
+    for j in range(0, len(V), chunk):
+        go = V[j:j + chunk, None, :].expand(-1, B, -1).contiguous()  # (c, B, D): row v for every image
         try:
             g, = torch.autograd.grad(f, A, go, retain_graph=True, is_grads_batched=True)  # (c, B, K, h, w)
         except torch.OutOfMemoryError: raise
-        except RuntimeError:  # an op without a batching rule: one backward per feature instead
+        except RuntimeError:  # an op without a batching rule: one backward per row instead
             g = torch.stack([torch.autograd.grad(f, A, o, retain_graph=True)[0] for o in go])
-        cols.append(g.sum((1, 3, 4)))  # (c, K)
-    return torch.cat(cols).T  # (K, D)
+        out.append(g.sum((3, 4)).transpose(0, 1))  # (B, c, K)
+    return torch.cat(out, 1)  # (B, m, K)
 
-def importance_matrix(model: nn.Module, x: torch.Tensor, bs: int = 64, chunk_mb: int = 256) -> torch.Tensor:
+def importance_matrix(model: nn.Module, x: torch.Tensor, bs: int = 64, chunk_mb: int = 256, per_image: bool = False,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """`G` `(K, D)` such that the mean importances of head weights `W` `(n, D)` over images `x` `(N,3,H,W)` are
-    `W @ G.T`: the mean over images of the spatially summed Jacobian of `model.features` w.r.t. `model.acts`."""
+    `W @ G.T`: the mean over images of the spatially summed Jacobian of `model.features` w.r.t. `model.acts`.
+    `per_image=True`: the `(N, K, D)` matrices of every image instead, stored in `dtype` (default float32)."""
     _check_model(model); x = _check_feed(x)
     for k, v in (("bs", bs), ("chunk_mb", chunk_mb)):
         if not isinstance(v, int) or v < 1: raise input_error(k, f"must be a positive int, got {v!r}", f"pass e.g. {k}=64")
@@ -79,8 +95,12 @@ def importance_matrix(model: nn.Module, x: torch.Tensor, bs: int = 64, chunk_mb:
     with _frozen(model):
         for i in range(0, len(x), bs):
             with torch.no_grad(): A = model.acts(x[i:i + bs].to(dev))  # (B, K, h, w)
-            G = G + _batch_G(model, A, chunk_mb)
-    return G / len(x)  # (K, D)
+            Gb = _row_grads(model, A, None, chunk_mb).transpose(1, 2)  # (B, K, D)
+            if not per_image: G = G + Gb.sum(0)
+            else:
+                if i == 0: G = torch.empty(len(x), *Gb.shape[1:], dtype=dtype or Gb.dtype, device=dev)  # (N, K, D)
+                G[i:i + len(Gb)] = Gb
+    return G if per_image else G / len(x)
 
 def _check_model(model):
     for a in ("acts", "features", "fc"):
@@ -93,26 +113,99 @@ def _check_feed(feed_x):
         raise input_error("feed_x", f"has dtype {feed_x.dtype}", "pass float images, normalised like the network's training input")
     return feed_x
 
-# %% ../nbs/07_alpha2w.ipynb #fa48935a
-def alpha2w_objective(alpha_w: torch.Tensor, alpha_target: torch.Tensor, W: torch.Tensor, w_mean: torch.Tensor, lam: float):
-    """Mean over new classes of `1 - cos(alpha_w[c], alpha_target[c]) + lam * ||W[c] - w_mean||^2`.
-    `alpha_w`, `alpha_target` `(n_new, K)`, `W` `(n_new, D)`, `w_mean` `(D,)`. Returns `(loss, cos (n_new,), l2 (n_new,))`."""
-    cos = F.cosine_similarity(alpha_w, alpha_target, dim=1)  # (n_new,)
-    l2 = ((W - w_mean) ** 2).sum(1)                          # (n_new,)
-    return (1 - cos + lam * l2).mean(), cos, l2
+# %% ../nbs/07_alpha2w.ipynb #345beffe
+def alpha2w_penalty(W: torch.Tensor, w_mean: torch.Tensor, lam: float, penalty: str = "mean"):
+    """The L2 pull of new rows `W` `(n_new, D)` towards `w_mean` `(D,)`: `lam * mean_c ||W[c] - w_mean||^2` (`'mean'`) or
+    `lam * 1/2 * sum_c ||W[c] - w_mean||^2` (`'half_sum'`, the original's `lam * tf.nn.l2_loss`). Returns `(penalty, l2 (n_new,))`."""
+    l2 = ((W - w_mean) ** 2).sum(1)  # (n_new,)
+    return lam * (l2.mean() if penalty == "mean" else 0.5 * l2.sum()), l2
+
+def alpha2w_objective(alpha_w: torch.Tensor, alpha_target: torch.Tensor, W: torch.Tensor, w_mean: torch.Tensor, lam: float,
+                      penalty: str = "mean", pair_cls: torch.Tensor | None = None):
+    """Mean cosine distance between importances and targets, plus `alpha2w_penalty`. `'mean_alpha'`: `alpha_w` `(n_new, K)`,
+    one feed-averaged row per class, `pair_cls=None`; `'pairs'`: `alpha_w` `(P, K)`, one row per (image, class) pair, and
+    `pair_cls` `(P,)` the class of each. `alpha_target` `(n_new, K)`, `W` `(n_new, D)`, `w_mean` `(D,)`.
+    Returns `(loss, cos (one per row of alpha_w), l2 (n_new,))`."""
+    t = alpha_target if pair_cls is None else alpha_target[pair_cls]
+    cos = F.cosine_similarity(alpha_w, t, dim=-1)
+    pen, l2 = alpha2w_penalty(W, w_mean, lam, penalty)
+    return (1 - cos).mean() + pen, cos, l2
 
 def _reference_alpha(model, A, W, b):
-    "Importances of logits `F.linear(f, W, b)` for activations `A` by autograd, differentiable in `W`: (n_new, K)."
+    "Batch-mean importances of logits `F.linear(f, W, b)` for activations `A` by autograd, differentiable in `W`: (n_new, K)."
     A = A.detach().requires_grad_(True)
     logits = F.linear(model.features(A), W, b)  # (B, n_new)
     return torch.stack([torch.autograd.grad(logits[:, c].sum(), A, create_graph=True)[0].sum((2, 3)).mean(0)
                         for c in range(W.shape[0])])  # (n_new, K)
 
-# %% ../nbs/07_alpha2w.ipynb #3b0c2c18
+def _reference_pair_alpha(model, A, W, pair_cls):
+    """Per-image importances `(P, K)` of the logit of class `pair_cls[p]` on activations `A[p]`, by one backward with
+    `create_graph=True` (differentiable in `W`): the original's `tf.gradients(logits_unseen * one_hot(class), layer)`."""
+    A = A.detach().requires_grad_(True)
+    score = (model.features(A) * W[pair_cls]).sum()  # sum_p  W[pair_cls[p]] . f(A[p])
+    g, = torch.autograd.grad(score, A, create_graph=True)
+    return g.sum((2, 3))
+
+# %% ../nbs/07_alpha2w.ipynb #798d2ab2
+def _g_dtype(N: int, K: int, D: int, budget_mb: float):
+    "float32 if the per-image matrices `(N, K, D)` fit `budget_mb`, else float16 if they fit, else None (mini-batches)."
+    for dt in (torch.float32, torch.float16):
+        if N * K * D * dt.itemsize <= budget_mb * 2**20: return dt
+    return None
+
+def _pairs_loss_grad(Gx, W, target, w_mean, lam, penalty, chunk_mb):
+    """The `'pairs'` objective over all (image, class) pairs from per-image matrices `Gx` `(N, K, D)`: returns `loss`,
+    the per-class mean cosine `(n_new,)`, `l2` `(n_new,)` and the gradient w.r.t. `W` `(n_new, D)`."""
+    N, K, D = Gx.shape
+    n, dev = len(W), W.device
+    Wd = W.detach().float()
+    per = max(1, int(chunk_mb * 2**20 // (4 * K * (D + 3 * n))))  # images per chunk (G in float32, alphas, their grads)
+    cls = torch.arange(n, device=dev)
+    total, cos_sum, grad = torch.zeros((), device=dev), torch.zeros(n, device=dev), torch.zeros_like(Wd)
+    for i in range(0, N, per):
+        Gc = Gx[i:i + per].float()  # (m, K, D)
+        m = len(Gc)
+        a = (Gc.reshape(m * K, D) @ Wd.T).reshape(m, K, n).transpose(1, 2).reshape(m * n, K)  # (m*n, K), pair (x, c) at x*n + c
+        with torch.enable_grad():
+            a.requires_grad_(True)
+            part, cos, _ = alpha2w_objective(a, target, Wd, w_mean, 0.0, pair_cls=cls.repeat(m))
+            part = part * (m / N)  # the chunk's share of the mean over all N*n pairs
+            ga, = torch.autograd.grad(part, a)
+        grad += ga.reshape(m, n, K).transpose(0, 1).reshape(n, m * K) @ Gc.reshape(m * K, D)  # sum_x G_x^T dL/dalpha
+        total += part.detach(); cos_sum += cos.detach().reshape(m, n).sum(0)
+    with torch.enable_grad():
+        Wp = W.detach().requires_grad_(True)
+        pen, l2 = alpha2w_penalty(Wp, w_mean, lam, penalty)
+        gp, = torch.autograd.grad(pen, Wp)
+    return total + pen.detach(), cos_sum / N, l2.detach(), grad + gp
+
+# %% ../nbs/07_alpha2w.ipynb #a8db386b
+class _Plateau:
+    "Stopping rule of `fit_alpha2w` (see `Alpha2WConfig.stop`): `step(loss)` records a loss and says whether to stop."
+    def __init__(self, cfg: Alpha2WConfig): self.cfg, self.monitor, self.wait = cfg, math.inf, 0
+    def step(self, loss: float) -> bool:
+        c = self.cfg
+        progress = loss < self.monitor - c.min_delta if c.stop == "absolute" else loss < self.monitor * (1 - c.rel_delta)
+        if progress: self.monitor, self.wait = loss, 0
+        else: self.wait += 1
+        return self.wait >= c.patience
+
+# %% ../nbs/07_alpha2w.ipynb #8240d8a2
+def _feed_cos(model, feed_x, W, target, objective, bs, chunk_mb):
+    "Per-class cosine `(n_new,)` of weights `W` over the whole feed, by batched backward passes (no stored matrices)."
+    dev, N = _device(model), len(feed_x)
+    acc = 0.
+    for i in range(0, N, bs):
+        with torch.no_grad(): A = model.acts(feed_x[i:i + bs].to(dev))
+        a = _row_grads(model, A, W, chunk_mb)  # (B, n_new, K)
+        acc = acc + (F.cosine_similarity(a, target[None], dim=-1).sum(0) if objective == "pairs" else a.sum(0))
+    return acc / N if objective == "pairs" else F.cosine_similarity(acc / N, target, dim=-1)
+
 def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None, cfg: Alpha2WConfig | None = None) -> dict:
     """New classifier rows for the frozen `model` whose importances over `feed_x` `(N,3,H,W)` match `alpha_target`
     `(n_new, K)`. `W_seen` `(n_seen, D)`, `b_seen` `(n_seen,)` default to `model.fc`. Returns a dict with `W` `(n_new, D)`,
-    `b` `(n_new,)`, `history` (per-step `loss`, `cos`, `l2`), `steps`, `loss`, `cos` `(n_new,)`, `best_step`, `stopped`."""
+    `b` `(n_new,)`, `history` (per-step `loss`, `cos`, `l2`), `steps`, `loss` (the lowest), `cos` `(n_new,)`, `best_step`,
+    `stopped`, and what ran: `objective`, `method` (`'reference'` after a fallback), `fallback`, `g_dtype`."""
     cfg = Alpha2WConfig() if cfg is None else cfg
     if not isinstance(cfg, Alpha2WConfig): raise input_error("cfg", f"expected an Alpha2WConfig, got {type(cfg).__name__}", "pass Alpha2WConfig(...)")
     _check_model(model)
@@ -139,40 +232,57 @@ def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None
         raise input_error("W_seen", f"has D={dims['D']} columns but model.features gives {f1.shape[1]} features", "pass the model's own classifier weights")
 
     W_seen, b_seen, target = W_seen.to(dev), b_seen.to(dev), alpha_target.to(dev)
+    N, n_new, pairs = len(feed_x), dims["n_new"], cfg.objective == "pairs"
     w_mean = W_seen.mean(0)  # (D,)
     std = W_seen.std(0, unbiased=False) if cfg.init_std is None else torch.full_like(w_mean, cfg.init_std)  # (D,)
     g = torch.Generator().manual_seed(cfg.seed)
-    W = (w_mean + std * torch.randn(dims["n_new"], dims["D"], generator=g).to(dev)).requires_grad_(True)  # (n_new, D)
-    b = b_seen.mean().expand(dims["n_new"]).clone()  # (n_new,)
+    W = (w_mean + std * torch.randn(n_new, dims["D"], generator=g).to(dev)).requires_grad_(True)  # (n_new, D)
+    b = (b_seen.mean() if cfg.bias == "seen_mean" else torch.zeros((), device=dev)).expand(n_new).clone()  # (n_new,)
     opt = torch.optim.Adam([W], lr=cfg.lr)
 
-    N = len(feed_x)
-    if cfg.method == "fast": G = importance_matrix(model, feed_x, cfg.bs, cfg.chunk_mb)  # (K, D)
-    else: order, pos = torch.randperm(N, generator=g), 0
+    path, g_dtype, fallback = cfg.method, None, False
+    if path == "fast" and not pairs: G = importance_matrix(model, feed_x, cfg.bs, cfg.chunk_mb)  # (K, D)
+    elif path == "fast":
+        g_dtype = _g_dtype(N, dims["K"], dims["D"], cfg.g_budget_mb)
+        if g_dtype is None:
+            need = N * dims["K"] * dims["D"] * 2 / 2**20
+            warnings.warn(f"fit_alpha2w: the per-image matrices need {need:.0f} MB in float16 > g_budget_mb={cfg.g_budget_mb}; "
+                          f"falling back to method='reference' (stochastic mini-batches of bs={cfg.bs} pairs)")
+            path, fallback = "reference", True
+        else: Gx = importance_matrix(model, feed_x, cfg.bs, cfg.chunk_mb, per_image=True, dtype=g_dtype)  # (N, K, D)
+    n_items = N * n_new if pairs else N  # what a reference mini-batch draws: (image, class) pairs or images
+    if path == "reference": order, pos = torch.randperm(n_items, generator=g), 0
     hist = {"loss": [], "cos": [], "l2": []}
-    best, best_step, best_W, best_cos, wait, stopped = math.inf, 0, W.detach().clone(), None, 0, "max_steps"
+    stopper, best, best_step, best_W, stopped = _Plateau(cfg), math.inf, 0, W.detach().clone(), "max_steps"
     with _frozen(model):
         for step in range(cfg.max_steps):
-            if cfg.method == "fast": alpha_w = W @ G.T  # (n_new, K)
+            if path == "fast" and pairs:
+                loss, cos, l2, grad = _pairs_loss_grad(Gx, W, target, w_mean, cfg.lam, cfg.penalty, cfg.chunk_mb)
             else:
-                if pos >= N: order, pos = torch.randperm(N, generator=g), 0
-                idx = order[pos:pos + cfg.bs]; pos += cfg.bs
-                with torch.no_grad(): A = model.acts(feed_x[idx].to(dev))
-                alpha_w = _reference_alpha(model, A, W, b)
-            loss, cos, l2 = alpha2w_objective(alpha_w, target, W, w_mean, cfg.lam)
-            grad, = torch.autograd.grad(loss, W)
-            hist["loss"].append(loss.item()); hist["cos"].append(cos.mean().item()); hist["l2"].append(l2.mean().item())
-            if loss.item() < best - cfg.min_delta:
-                best, best_step, best_W, best_cos, wait = loss.item(), step, W.detach().clone(), cos.detach(), 0
-            else:
-                wait += 1
-                if wait >= cfg.patience: stopped = "plateau"; break
+                if path == "fast": alpha_w, cls = W @ G.T, None  # (n_new, K)
+                else:
+                    if pos >= n_items: order, pos = torch.randperm(n_items, generator=g), 0
+                    idx = order[pos:pos + cfg.bs]; pos += cfg.bs
+                    img, cls = (idx // n_new, (idx % n_new).to(dev)) if pairs else (idx, None)
+                    with torch.no_grad(): A = model.acts(feed_x[img.to(feed_x.device)].to(dev))
+                    alpha_w = _reference_pair_alpha(model, A, W, cls) if pairs else _reference_alpha(model, A, W, b)
+                loss, cos, l2 = alpha2w_objective(alpha_w, target, W, w_mean, cfg.lam, cfg.penalty, cls)
+                grad, = torch.autograd.grad(loss, W)
+            lv = loss.item()
+            hist["loss"].append(lv); hist["cos"].append(cos.mean().item()); hist["l2"].append(l2.mean().item())
+            if lv < best: best, best_step, best_W = lv, step, W.detach().clone()
+            if stopper.step(lv): stopped = "plateau"; break
             W.grad = grad; opt.step()
+        with torch.no_grad():  # per-class cosine of the returned weights over the whole feed
+            if path == "fast" and not pairs: cos = F.cosine_similarity(best_W @ G.T, target, dim=1)
+            elif path == "fast": cos = _pairs_loss_grad(Gx, best_W, target, w_mean, cfg.lam, cfg.penalty, cfg.chunk_mb)[1]
+            else: cos = _feed_cos(model, feed_x, best_W, target, cfg.objective, cfg.bs, cfg.chunk_mb)
     return {"W": best_W.to(out_dev), "b": b.to(out_dev), "history": hist, "steps": len(hist["loss"]), "loss": best,
-            "cos": best_cos.to(out_dev), "best_step": best_step, "stopped": stopped, "method": cfg.method,
+            "cos": cos.to(out_dev), "best_step": best_step, "stopped": stopped, "objective": cfg.objective, "method": path,
+            "fallback": fallback, "g_dtype": None if g_dtype is None else str(g_dtype).replace("torch.", ""),
             "feed": cfg.feed, "n_feed": N}
 
-# %% ../nbs/07_alpha2w.ipynb #f7a6b385
+# %% ../nbs/07_alpha2w.ipynb #3945ae25
 def plot_alpha2w_history(res: dict, ax=None):
     "Loss (left axis) and mean cosine with the targets (right axis) per Adam step. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
@@ -184,7 +294,7 @@ def plot_alpha2w_history(res: dict, ax=None):
     ax2 = ax.twinx()
     sns.lineplot(x=steps, y=h["cos"], ax=ax2, color="C1", label="mean cos(alpha(w), target)", legend=False)
     ax.axvline(res["best_step"], color="grey", ls=":", lw=1)
-    ax.set(xlabel="Adam step", ylabel="loss", title=f"alpha2w ({res.get('method', '?')})")
+    ax.set(xlabel="Adam step", ylabel="loss", title=f"alpha2w ({res.get('objective', '?')}, {res.get('method', '?')})")
     ax2.set_ylabel("cosine")
     ax.legend(handles=ax.get_lines()[:1] + ax2.get_lines()[:1], labels=["loss", "cosine"], fontsize=8, loc="center right")
     return ax

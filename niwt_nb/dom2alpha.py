@@ -14,8 +14,8 @@ from .core import Config, input_error, check_tensor
 # %% auto #0
 __all__ = ['Dom2AlphaConfig', 'Dom2Alpha', 'spearman_rows', 'fit_dom2alpha', 'plot_dom2alpha_history']
 
-# %% ../nbs/06_dom2alpha.ipynb #e04cdea9
-_ARCHS = ("linear", "mlp")
+# %% ../nbs/06_dom2alpha.ipynb #9bf5f717
+_ARCHS, _INITS = ("linear", "mlp"), ("default", "normal")
 
 @dataclass(frozen=True)
 class Dom2AlphaConfig(Config):
@@ -28,11 +28,16 @@ class Dom2AlphaConfig(Config):
     bs: int | None = None       # None: exact full-batch steps (one step per epoch); int: mini-batches of image pairs
     max_epochs: int = 1000      # upper bound on epochs
     patience: int = 100         # stop after this many epochs without a better validation loss
-    normalize_dom: bool = True  # L2-normalise each class's domain vector before the map
+    normalize_dom: bool = True  # L2-normalise each class's domain vector before the map (the original: False)
+    norm_reg: float = 0.0       # weight of the original's |1/2 sum_i ||pred_i||^2 - 1/2 sum_i ||alpha_i||^2| per batch
+    center_alphas: bool = False # learn the class-specific part of the alphas around their mean direction (not in the original)
+    init: str = "default"       # 'default': PyTorch's init; 'normal': every weight and bias ~ N(0, 1) (the original's linear map)
     seed: int = 0
 
     def __post_init__(self):
         if self.arch not in _ARCHS: raise input_error("arch", f"unknown architecture {self.arch!r}", f"use one of {_ARCHS}")
+        if self.init not in _INITS: raise input_error("init", f"unknown init {self.init!r}", f"use one of {_INITS}")
+        if not self.norm_reg >= 0: raise input_error("norm_reg", f"must be >= 0, got {self.norm_reg}", "pass norm_reg=0 to disable it")
         for k in ("hidden", "max_epochs", "patience"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise input_error(k, f"must be a positive int, got {v!r}", f"pass e.g. {k}=100")
@@ -42,21 +47,30 @@ class Dom2AlphaConfig(Config):
         if not self.lr > 0: raise input_error("lr", f"must be > 0, got {self.lr}", "pass e.g. lr=1e-3")
         if not self.wd >= 0: raise input_error("wd", f"must be >= 0, got {self.wd}", "pass wd=0 to disable weight decay")
 
-# %% ../nbs/06_dom2alpha.ipynb #35a0cea6
+# %% ../nbs/06_dom2alpha.ipynb #b29df70b
 class Dom2Alpha(nn.Module):
     "Map domain vectors `(n, d)` to importances `(n, K)`: a linear layer or a one-hidden-layer MLP."
     def __init__(self, d: int, K: int, cfg: Dom2AlphaConfig | None = None):
         super().__init__()
         cfg = cfg or Dom2AlphaConfig()
-        self.d, self.K, self.normalize_dom = d, K, cfg.normalize_dom
+        self.d, self.K, self.normalize_dom, self.centered = d, K, cfg.normalize_dom, cfg.center_alphas
         if cfg.arch == "linear": self.net = nn.Linear(d, K)
         else: self.net = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, K))
+        if cfg.init == "normal":
+            for p in self.net.parameters(): nn.init.normal_(p)
+        if self.centered:  # set by fit_dom2alpha; saved with the state dict
+            self.register_buffer("center", torch.zeros(K)); self.register_buffer("radius", torch.ones(()))
+
+    def raw(self, dom: torch.Tensor) -> torch.Tensor:
+        "The network's output `(n, K)`: the importances themselves, or their class-specific part when centred."
+        dom = check_tensor(dom, "dom", shape=(None, self.d), dtype="float")
+        if self.normalize_dom: dom = F.normalize(dom, dim=1)
+        return self.net(dom)
 
     def forward(self, dom: torch.Tensor) -> torch.Tensor:
         "Predicted importances `(n, K)` for domain vectors `dom` `(n, d)` (one row per class)."
-        dom = check_tensor(dom, "dom", shape=(None, self.d), dtype="float")
-        if self.normalize_dom: dom = F.normalize(dom, dim=1)
-        return self.net(dom)  # (n, K)
+        out = self.raw(dom)  # (n, K)
+        return self.center + self.radius * F.normalize(out, dim=1) if self.centered else out
 
 # %% ../nbs/06_dom2alpha.ipynb #a5a70e4b
 def _class_sums(alphas, labels, classes):
@@ -88,7 +102,7 @@ def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = check_tensor(a, "a", shape=("n", "K"), dtype="float"); b = check_tensor(b, "b", shape=tuple(a.shape), dtype="float")
     return F.cosine_similarity(*(r - r.mean(1, keepdim=True) for r in (_ranks(a), _ranks(b))), dim=1).to(a.dtype)
 
-# %% ../nbs/06_dom2alpha.ipynb #48c275b8
+# %% ../nbs/06_dom2alpha.ipynb #06fc28da
 def _check_classes(x, name, n_cls):
     x = torch.as_tensor(x)
     if x.numel() == 0: x = x.long().reshape(0)
@@ -98,10 +112,19 @@ def _check_classes(x, name, n_cls):
     if len(torch.unique(x)) != len(x): raise input_error(name, "contains repeated class ids", "pass each class once")
     return x
 
+def _norm_term(pred_sq_sum, target_sq_sum, lam):
+    "The original's norm-matching regulariser: `lam * |1/2 sum ||pred||^2 - 1/2 sum ||alpha||^2|` over one batch."
+    return lam * (0.5 * pred_sq_sum - 0.5 * target_sq_sum).abs()
+
+def _centered_report(pred, alphas, labels, classes, u_bar):
+    "Mean over `classes` of cos(unit(pred_c) - u_bar, mean unit alpha of c - u_bar): the class-specific part only."
+    m = torch.stack([F.normalize(alphas[labels == c], dim=1).mean(0) for c in classes.tolist()])  # (n, K)
+    return F.cosine_similarity(F.normalize(pred, dim=1) - u_bar, m - u_bar, dim=1).mean().item()
+
 def fit_dom2alpha(dom, alphas, alpha_labels, train_classes, val_classes, cfg: Dom2AlphaConfig | None = None):
     """Fit `Dom2Alpha` on image-level pairs `(dom[alpha_labels[i]], alphas[i])` of `train_classes` with the cosine loss,
-    early-stopping on the images of `val_classes`. `dom` `(n_cls, d)` covers all classes; `alphas` `(n_img, K)`;
-    `alpha_labels` `(n_img,)` class ids. Returns `(model, report)`."""
+    early-stopping on the images of `val_classes` (empty: exactly `cfg.max_epochs` epochs, the last one kept).
+    `dom` `(n_cls, d)` covers all classes; `alphas` `(n_img, K)`; `alpha_labels` `(n_img,)` class ids. Returns `(model, report)`."""
     cfg = Dom2AlphaConfig() if cfg is None else cfg
     if not isinstance(cfg, Dom2AlphaConfig): raise input_error("cfg", f"expected a Dom2AlphaConfig, got {type(cfg).__name__}", "pass Dom2AlphaConfig(...)")
     dims = {}
@@ -123,53 +146,69 @@ def fit_dom2alpha(dom, alphas, alpha_labels, train_classes, val_classes, cfg: Do
         empty = cl[counts[cl] == 0].tolist()
         if empty: raise input_error(name, f"classes {empty[:10]} have no rows in `alphas`", "drop them or extract their alphas")
 
-    S_tr, n_tr = _class_sums(alphas, alpha_labels, tr)
-    S_va, n_va = _class_sums(alphas, alpha_labels, va) if len(va) else (None, None)
     tr_img = torch.isin(alpha_labels, tr).nonzero().squeeze(1)
+    u_bar = F.normalize(alphas[tr_img], dim=1).mean(0)  # (K,) mean direction of the training alphas
+    targets = F.normalize(alphas, dim=1) - u_bar if cfg.center_alphas else alphas  # what the network is fitted to
+    S_tr, n_tr = _class_sums(targets, alpha_labels, tr)
+    S_va, n_va = _class_sums(targets, alpha_labels, va) if len(va) else (None, None)
+    sq = (targets ** 2).sum(1)  # (n_img,) squared norms, for the norm term
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         model = Dom2Alpha(dims["d"], dims["K"], cfg).to(dev)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
+        if cfg.center_alphas:
+            mean_r = torch.stack([targets[alpha_labels == c].mean(0) for c in tr.tolist()])  # (n_train, K)
+            model.center.copy_(u_bar); model.radius.copy_(mean_r.norm(dim=1).mean())
+        opt = torch.optim.Adam(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
         g = torch.Generator(device="cpu").manual_seed(cfg.seed)
         hist = {"train_loss": [], "val_loss": []}
         best, best_ep, best_state, wait = math.inf, 0, None, 0
         for ep in range(cfg.max_epochs):
             model.train()
             if cfg.bs is None:
-                loss = _cos_loss(model(dom[tr]), S_tr, n_tr.sum())
+                pred = model.raw(dom[tr])  # (n_train, K)
+                loss = _cos_loss(pred, S_tr, n_tr.sum())
+                if cfg.norm_reg: loss = loss + _norm_term((n_tr * (pred ** 2).sum(1)).sum(), sq[tr_img].sum(), cfg.norm_reg)
                 opt.zero_grad(); loss.backward(); opt.step()
                 tl = loss.item()
             else:
                 perm, tl = tr_img[torch.randperm(len(tr_img), generator=g).to(dev)], 0.
                 for i in range(0, len(perm), cfg.bs):
                     idx = perm[i:i + cfg.bs]
-                    loss = 1 - F.cosine_similarity(model(dom[alpha_labels[idx]]), alphas[idx], dim=1).mean()
+                    pred = model.raw(dom[alpha_labels[idx]])  # (B, K)
+                    loss = 1 - F.cosine_similarity(pred, targets[idx], dim=1).mean()
+                    if cfg.norm_reg: loss = loss + _norm_term((pred ** 2).sum(), sq[idx].sum(), cfg.norm_reg)
                     opt.zero_grad(); loss.backward(); opt.step()
                     tl += loss.item() * len(idx) / len(perm)
             model.eval()
             with torch.no_grad():
-                vl = _cos_loss(model(dom[va]), S_va, n_va.sum()).item() if len(va) else float("nan")
+                vl = _cos_loss(model.raw(dom[va]), S_va, n_va.sum()).item() if len(va) else float("nan")
             hist["train_loss"].append(tl); hist["val_loss"].append(vl)
-            crit = vl if len(va) else tl
-            if crit < best - 1e-7: best, best_ep, best_state, wait = crit, ep, copy.deepcopy(model.state_dict()), 0
+            if not len(va): continue  # refit: a fixed number of epochs, the last one is kept
+            if vl < best - 1e-7: best, best_ep, best_state, wait = vl, ep, copy.deepcopy(model.state_dict()), 0
             else:
                 wait += 1
-                if len(va) and wait >= cfg.patience: break
-    model.load_state_dict(best_state); model.eval()
-    report = {"best_epoch": best_ep, "epochs": len(hist["train_loss"]), "history": hist,
+                if wait >= cfg.patience: break
+    if len(va): model.load_state_dict(best_state)
+    else: best_ep = len(hist["train_loss"]) - 1
+    model.eval()
+    report = {"best_epoch": best_ep, "refit_epochs": best_ep + 1, "epochs": len(hist["train_loss"]), "history": hist,
               "n_train_img": int(n_tr.sum()), "n_val_img": int(n_va.sum()) if len(va) else 0,
-              "val_cos": None, "val_cos_class_mean": None, "val_spearman": None, "baseline_cos_class_mean": None}
+              "val_cos": None, "val_cos_class_mean": None, "val_spearman": None, "baseline_cos_class_mean": None,
+              "val_cos_centered": None}
     if len(va):
         with torch.no_grad():
-            pred = model(dom[va])  # (n_val, K)
+            pred = model(dom[va])  # (n_val, K) in alpha space (centred maps add the mean direction back)
             mean_alpha = torch.stack([alphas[alpha_labels == c].mean(0) for c in va.tolist()])  # (n_val, K)
-            report.update(val_cos=1 - _cos_loss(pred, S_va, n_va.sum()).item(),
+            S_raw, n_raw = _class_sums(alphas, alpha_labels, va)
+            report.update(val_cos=1 - _cos_loss(pred, S_raw, n_raw.sum()).item(),
                           val_cos_class_mean=F.cosine_similarity(pred, mean_alpha, dim=1).mean().item(),
                           val_spearman=spearman_rows(pred, mean_alpha).mean().item(),
-                          baseline_cos_class_mean=F.cosine_similarity(S_tr.sum(0, keepdim=True), mean_alpha, dim=1).mean().item())
+                          baseline_cos_class_mean=F.cosine_similarity(_class_sums(alphas, alpha_labels, tr)[0].sum(0, keepdim=True),
+                                                                      mean_alpha, dim=1).mean().item(),
+                          val_cos_centered=_centered_report(pred, alphas, alpha_labels, va, u_bar))
     return model, report
 
-# %% ../nbs/06_dom2alpha.ipynb #1e50e3bf
+# %% ../nbs/06_dom2alpha.ipynb #e3bc52db
 def plot_dom2alpha_history(report: dict, ax=None):
     "Training and held-out cosine loss per epoch, with the selected epoch marked. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
