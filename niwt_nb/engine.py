@@ -11,7 +11,7 @@ from torch import nn
 from .core import input_error, check_tensor, eval_mode
 
 # %% auto #0
-__all__ = ['frozen', 'all_class_importances', 'target_importances', 'to_channels_last', 'to_device']
+__all__ = ['frozen', 'head_jacobian', 'all_class_importances', 'target_importances', 'to_channels_last', 'to_device']
 
 # %% ../nbs/05a_engine.ipynb #6163b780
 @contextlib.contextmanager
@@ -152,6 +152,68 @@ def _head_grads(model, A, make_dirs, n: int, chunk_mb: float, reduce: str, fold:
         out[:, j0:j1] = g.float().transpose(0, 1) * scale
     return out
 
+# %% ../nbs/05a_engine.ipynb #3a4b264c
+_CHANNELWISE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+                nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)   # each output channel depends on the same input channel only
+_VERIFIED = weakref.WeakKeyDictionary()                    # head -> True once the one-pass Jacobian matched the batched one
+
+def _leaves(m: nn.Module):
+    "The leaf modules of nested plain `nn.Sequential`s in forward order; None if any container is something else."
+    if type(m) is nn.Sequential:
+        out = []
+        for c in m.children():
+            sub = _leaves(c)
+            if sub is None: return None
+            out += sub
+        return out
+    return None if list(m.children()) else [m]
+
+def _channelwise_split(head: nn.Module):
+    "`(conv, rest)` when `head` = a foldable convolution, then channel-wise operations only; else None."
+    leaves = _leaves(head) if head is not None else None
+    if not leaves or not _foldable(leaves[0]) or not all(type(l) in _CHANNELWISE for l in leaves[1:]): return None
+    return leaves[0], leaves[1:]
+
+def _jacobian_one_pass(conv, rest, A: torch.Tensor):
+    "`G (B, D, K)` by one backward pass through the channel-wise part after `conv` (see above); None if the shapes do not fit."
+    with torch.enable_grad():
+        z = conv(A).detach().requires_grad_(True)                              # (B, O, h', w')
+        f = z
+        for m in rest: f = m(f)
+        if f.ndim != 2 or f.shape[1] != z.shape[1]: return None                   # e.g. flatten over space: channels mix
+        g, = torch.autograd.grad(f.sum(), z)                                    # (B, O, h', w'): d f_d / d z_d only
+    B, O = g.shape[:2]
+    M = _const_response(conv, A.shape[-2:], z.shape[-2:]).view(A.shape[1], O, -1)   # (K, O, h'w')
+    return torch.einsum("bop,kop->bok", g.reshape(B, O, -1).float(), M.float())    # (B, D, K)
+
+def head_jacobian(model: nn.Module, A: torch.Tensor, reduce: str = "sum", chunk_mb: float = 256, fast: bool = True) -> torch.Tensor:
+    """Importances of every feature direction `(B, D, K)` for activations `A (B,K,h,w)` of a frozen `model`:
+    `G[b] @ ...`: the importances of weights `w (D,)` on image `b` are `G[b].T @ w`. One backward pass when the head is a
+    convolution followed by channel-wise operations (`fast=True`, verified once per head), else `D` batched ones."""
+    _check_net(model)
+    if not isinstance(A, torch.Tensor) or A.ndim != 4:
+        raise input_error("A", f"expected activations (B,K,h,w), got {getattr(A, 'shape', type(A).__name__)}", "pass model.acts(x)")
+    if reduce not in ("sum", "mean"): raise input_error("reduce", f"expected 'sum' or 'mean', got {reduce!r}", "pass reduce='sum'")
+    dev = next(model.parameters()).device
+    with frozen(model), torch.inference_mode(False):
+        A = A.detach().to(dev)
+        if A.is_inference(): A = A.clone()
+        B, K = A.shape[:2]
+        split = _channelwise_split(getattr(model, "head", None)) if fast else None
+        G = _jacobian_one_pass(*split, A) if split is not None and B > 0 else None
+        with torch.no_grad(): D = model.features(A[:1]).shape[1]
+        if G is not None and not _VERIFIED.get(model.head, False):        # once per head: against the batched backward
+            v = torch.randn(D, generator=torch.Generator().manual_seed(0)).to(dev)
+            ref = _head_grads(model, A[:2], lambda j0, j1: v[None, None].expand(1, len(A[:2]), D), 1, chunk_mb, "sum")[:, 0]
+            if not torch.allclose(torch.einsum("bdk,d->bk", G[:2], v), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-8):
+                G = None                                                          # not what it seemed: the general route
+            else: _VERIFIED[model.head] = True
+        if G is None:
+            eye = torch.eye(D, device=dev)
+            G = _head_grads(model, A, lambda j0, j1: eye[j0:j1, None].expand(j1 - j0, B, D), D, chunk_mb, "sum")   # (B, D, K)
+    return G / (A.shape[2] * A.shape[3]) if reduce == "mean" else G
+
 # %% ../nbs/05a_engine.ipynb #11e78155
 def all_class_importances(model: nn.Module, x: torch.Tensor | None = None, classes=None, W: torch.Tensor | None = None,
                           b: torch.Tensor | None = None, reduce: str = "sum", chunk_mb: float = 256,
@@ -199,8 +261,7 @@ def all_class_importances(model: nn.Module, x: torch.Tensor | None = None, class
                     else: dirs = lambda j0, j1: Wd[idx_d[j0:j1]][:, None].expand(j1 - j0, B, D)
                     a = _head_grads(model, A, dirs, n, chunk_mb, reduce, fold)       # (B, n, K)
                 else:
-                    eye = torch.eye(D, device=dev)
-                    G = _head_grads(model, A, lambda j0, j1: eye[j0:j1, None].expand(j1 - j0, B, D), D, chunk_mb, reduce, fold)  # (B, D, K)
+                    G = head_jacobian(model, A, reduce, chunk_mb, fast=fold)                # (B, D, K)
                     Wc = Wd.float()[idx_d]                                           # (C, D) or (B, T, D)
                     a = torch.einsum("bdk,btd->btk" if per_image else "bdk,cd->bck", G, Wc)
     return a.to(out_dev)
