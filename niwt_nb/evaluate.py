@@ -5,6 +5,7 @@
 # %% ../nbs/08_evaluate.ipynb #b896651d
 from __future__ import annotations
 import itertools, math
+import torch.nn.functional as F
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 import torch
@@ -14,7 +15,7 @@ from .core import input_error, check_tensor
 __all__ = ['SAE_SPACES', 'VAL_METRICS', 'DEFAULT_GRIDS', 'SPLIT_NAMES', 'per_class_accuracy', 'harmonic_mean', 'GZSLProblem',
            'gzsl_metrics', 'zsl_top1', 'ValProblem', 'ValSplit', 'val_split', 'choose_gamma', 'seen_unseen_curve',
            'ausuc', 'evaluate_gzsl', 'mean_std', 'fmt_mean_std', 'ESZSL', 'fit_eszsl', 'SAE', 'fit_sae', 'Dom2W',
-           'fit_dom2w', 'Selection', 'select_on_val', 'BaselineResult', 'run_baselines', 'plot_gzsl',
+           'fit_dom2w', 'Selection', 'select_on_val', 'refit_seen_head', 'BaselineResult', 'run_baselines', 'plot_gzsl',
            'plot_seen_unseen']
 
 # %% ../nbs/08_evaluate.ipynb #0c2c6a1c
@@ -385,6 +386,38 @@ def select_on_val(fit_fn: Callable, grid, X, y, vs: ValSplit, metric: str = "zsl
         if best is None or score > best[1]: best = (p, score, vp)
     return Selection(best[0], best[1], table, best[2])
 
+# %% ../nbs/08_evaluate.ipynb #ea2af164
+def refit_seen_head(X, y, classes, W0=None, b0=None, wd: float = 5e-4, max_iter: int = 200, match_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax classifier rows `W (C, D)`, `b (C,)` for `classes (C,)`, fitted on features `X (n, D)` whose labels `y (n,)`
+    are class ids among `classes`: L-BFGS on the mean cross-entropy + `wd/2 ||W||^2`, started from `W0`, `b0` (default 0).
+    `match_scale`: rows and biases then rescaled together so that the mean row norm is `W0`'s (same decisions among these
+    classes, scores on the scale of the head they stand in for, so that a calibration constant chosen with them transfers)."""
+    X = check_tensor(X, "X", shape=("n", "D"), dtype="float")
+    y = check_tensor(y, "y", shape=(len(X),), dtype="long").cpu()
+    classes = _ids(classes, "classes")
+    lut = torch.full((int(max(classes.max(), y.max() if len(y) else 0)) + 1,), -1, dtype=torch.long); lut[classes] = torch.arange(len(classes))
+    col = lut[y]
+    if len(y) == 0 or (col < 0).any(): raise input_error("y", "has labels outside `classes` (or no rows)", "pass only images of the classes to fit")
+    missing = classes[torch.bincount(col, minlength=len(classes)) == 0]
+    if len(missing): raise input_error("classes", f"{missing[:5].tolist()} have no image in X", "fit on classes that have images")
+    if not (isinstance(wd, (int, float)) and wd >= 0): raise input_error("wd", f"must be >= 0, got {wd!r}", "pass e.g. wd=5e-4")
+    C, D = len(classes), X.shape[1]
+    W = (torch.zeros(C, D) if W0 is None else check_tensor(W0, "W0", shape=(C, D), dtype="float").detach().cpu()).double().clone()
+    b = (torch.zeros(C) if b0 is None else check_tensor(b0, "b0", shape=(C,), dtype="float").detach().cpu()).double().clone()
+    Xd = X.detach().cpu().double()
+    W.requires_grad_(True); b.requires_grad_(True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(Xd @ W.T + b, col) + wd / 2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad(): opt.step(closure)
+    W, b = W.detach(), b.detach()
+    if match_scale and W0 is not None and float(W.norm(dim=1).mean()) > 0:
+        c = W0.detach().cpu().double().norm(dim=1).mean() / W.norm(dim=1).mean(); W, b = W * c, b * c
+    return W.to(X.dtype).to(X.device), b.to(X.dtype).to(X.device)
+
 # %% ../nbs/08_evaluate.ipynb #0ad47275
 DEFAULT_GRIDS = {
     "eszsl": {"gamma": [10.0 ** k for k in range(-3, 4)], "lam": [10.0 ** k for k in range(-3, 4)]},
@@ -405,8 +438,11 @@ class BaselineResult:
     def val(self) -> ValProblem: return self.selection.val
 
 def run_baselines(X_by_split: dict, y_by_split: dict, dom, seen, unseen, val_classes, W_seen=None, b_seen=None,
-                  methods: Sequence[str] | None = None, grids: dict | None = None, metric: str = "zsl") -> dict:
-    "Fit ESZSL, SAE and dom -> W on the same features, hyperparameters chosen on validation classes; `{name: BaselineResult}`."
+                  methods: Sequence[str] | None = None, grids: dict | None = None, metric: str = "zsl", seen_head_val=None,
+                  wd: float = 5e-4) -> dict:
+    """Fit ESZSL, SAE and dom -> W on the same features, hyperparameters chosen on validation classes; `{name: BaselineResult}`.
+    dom -> W's validation problem uses `seen_head_val = (W, b)`, rows for the seen classes minus the validation classes
+    that never saw them (default: `refit_seen_head` with weight decay `wd`), as ESZSL and SAE are refitted without them."""
     for nm, dct in (("X_by_split", X_by_split), ("y_by_split", y_by_split)):
         if not isinstance(dct, dict) or set(dct) < set(SPLIT_NAMES):
             raise input_error(nm, f"needs keys {list(SPLIT_NAMES)}, got {sorted(dct) if isinstance(dct, dict) else type(dct).__name__}", "pass features/labels for every split")
@@ -428,9 +464,17 @@ def run_baselines(X_by_split: dict, y_by_split: dict, dom, seen, unseen, val_cla
     fits = {"eszsl": lambda X, y, train_classes, **p: fit_eszsl(X, y, dom, train_classes, **p),
             "sae": lambda X, y, train_classes, **p: fit_sae(X, y, dom, train_classes, **p),
             "dom2w": lambda X, y, train_classes, **p: fit_dom2w(dom, W_seen, b_seen, seen, train_classes, **p)}
+    if "dom2w" in methods:                                                   # its validation seen side: never saw val classes
+        if seen_head_val is None:
+            keep = torch.isin(seen, vs.seen)
+            seen_head_val = refit_seen_head(X_tv[vs.idx_fit], y_tv[vs.idx_fit], vs.seen, W_seen[keep], b_seen[keep], wd)
+        Wv, bv = seen_head_val
+        Wv = check_tensor(Wv, "seen_head_val[0]", shape=(len(vs.seen), W_seen.shape[1]), dtype="float")
+        bv = check_tensor(bv, "seen_head_val[1]", shape=(len(vs.seen),), dtype="float")
+        fit_val = {"dom2w": lambda X, y, train_classes, **p: fit_dom2w(dom, Wv, bv, vs.seen, train_classes, **p)}
     out = {}
     for m in methods:
-        sel = select_on_val(fits[m], grids[m], X_tv, y_tv, vs, metric)
+        sel = select_on_val(fit_val[m] if m == "dom2w" else fits[m], grids[m], X_tv, y_tv, vs, metric)
         scorer = fits[m](X_tv, y_tv, train_classes=seen, **sel.params)
         test = GZSLProblem(scorer(X_te, col), y_te, col, seen, unseen, torch.arange(n_ts), torch.arange(n_ts, len(y_te)))
         out[m] = BaselineResult(m, sel.params, sel, scorer, test)
