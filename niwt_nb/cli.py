@@ -53,12 +53,12 @@ def make_run_config(dataset=None, root=None, semantic=None, backbone=None, weigh
         if features:
             from niwt_nb.features import FeatureModelConfig
             cfg = cfg.replace(dataset=f"{dataset}_res101", model=FeatureModelConfig(seed=seed), explain=False)
-    if epochs is not None: cfg = cfg.replace(train=cfg.train.replace(epochs=int(epochs), head_epochs=0))
+    if epochs is not None: cfg = cfg.replace(train=cfg.train_config.replace(epochs=int(epochs), head_epochs=0))
     if quick and not features:
         from niwt_nb.shapes import ShapesConfig
         from niwt_nb.dom2alpha import Dom2AlphaConfig
         from niwt_nb.alpha2w import Alpha2WConfig
-        cfg = cfg.replace(train=cfg.train.replace(epochs=epochs or 2), dom2alpha=Dom2AlphaConfig(max_epochs=50),
+        cfg = cfg.replace(train=cfg.train_config.replace(epochs=epochs or 2), dom2alpha=Dom2AlphaConfig(max_epochs=50),
                           alpha2w=Alpha2WConfig(max_steps=100), n_feed=32,
                           shapes=ShapesConfig(n_per_class=24) if cfg.dataset == "shapes" else None)
     return cfg

@@ -10,7 +10,7 @@ import torch
 from .core import input_error, atomic_write_text
 
 # %% auto #0
-__all__ = ['plot_training', 'metrics_table', 'write_report']
+__all__ = ['plot_training', 'metrics_table', 'semantics_table', 'selection_table', 'write_report']
 
 # %% ../nbs/10_report.ipynb #f41b8c83
 def plot_training(history: dict, ax=None):
@@ -45,6 +45,27 @@ def metrics_table(metrics: dict, keys=("u", "s", "H", "zsl_top1", "u_cal", "s_ca
         lines.append(f"| {name} | " + " | ".join(_fmt(m, metrics.get("std", {}).get(name), k) for k in keys) + " |")
     return "\n".join(lines)
 
+def semantics_table(metrics: dict, keys=("H", "zsl_top1", "H_cal")) -> str:
+    "Markdown table: one row per method, `keys` for every semantic input side by side (the paper's attributes-vs-captions comparison)."
+    by = metrics.get("by_semantic") or {}
+    if not by: raise input_error("metrics", "has no 'by_semantic'", "pass the dict written to metrics.json")
+    sems = list(by)
+    lines = ["| method | " + " | ".join(f"{k} ({s})" for s in sems for k in keys) + " |", "|---" * (len(sems) * len(keys) + 1) + "|"]
+    for name in by[sems[0]]["methods"]:
+        cells = [_fmt(by[s]["methods"].get(name, {}), by[s].get("std", {}).get(name), k) for s in sems for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+def selection_table(metrics: dict) -> str:
+    "Markdown table of the NIWT settings chosen on validation classes, per seed, semantic input and variant."
+    rows = ["| seed | semantic | variant | chosen settings | validation ZSL top-1 | candidates |", "|---|---|---|---|---|---|"]
+    for seed, by in (metrics.get("selected") or {}).items():
+        for sem, variants in by.items():
+            for v, sel in variants.items():
+                st = ", ".join(f"{k}={x}" for k, x in sel["settings"].items()) or "the run's own"
+                rows.append(f"| {seed} | {sem} | {v} | {st} | {sel['val_zsl']:.3f} | {len(sel['table'])} |")
+    return "\n".join(rows)
+
 def write_report(metrics: dict, run, out: str | Path) -> Path:
     "Write figures (PNG) and `report.md` for a finished `Run` into `out`; returns the report path."
     import matplotlib; matplotlib.use("Agg", force=False)
@@ -61,7 +82,7 @@ def write_report(metrics: dict, run, out: str | Path) -> Path:
         finally:
             fig.tight_layout(); fig.savefig(out / name, dpi=110); plt.close(fig)
         figs[name] = name
-    save("gzsl.png", lambda ax: plot_gzsl(metrics["methods"], ax=ax), (6, 3))
+    save("gzsl.png", lambda ax: plot_gzsl(metrics["methods"], ax=ax), (7, 3))
     save("training.png", lambda ax: plot_training(run.train_hist, ax=ax))
     save("dom2alpha.png", lambda ax: plot_dom2alpha_history(run.d2a_report, ax=ax))
     save("alpha2w.png", lambda ax: plot_alpha2w_history({k: run.a2w[k] for k in ("history", "best_step")}, ax=ax))
@@ -85,12 +106,16 @@ def write_report(metrics: dict, run, out: str | Path) -> Path:
                   f"| neuron-name AUROC | {row('naming_auroc')} | random names {row('naming_auroc_random')}, oracle {row('naming_auroc_oracle')} |",
                   "", *exp_md]
     c, t, ex = metrics["config"], metrics["timings_s"], metrics["per_seed"][-1]["extra"]
-    md = [f"# NIWT run: {c['dataset']} / {c['semantic']} / {c['model']['backbone']}", "",
+    sems = metrics.get("semantics") or [c["semantic"]]
+    side = (["## Semantic inputs side by side", "", semantics_table(metrics), ""] if len(sems) > 1 else [])
+    md = [f"# NIWT run: {c['dataset']} / {', '.join(sems)} / {c['model']['backbone']}", "",
           f"Seeds {metrics['seeds']}; weights: {ex['weights']}; text encoder: {ex['encoder']}; "
           f"total {t['total']:.1f} s on {metrics['machine']['device']}.", "",
           "Accuracies are per-class mean top-1 in [0, 1]; `_cal` = calibrated stacking with gamma chosen on "
-          "validation classes only.", "", metrics_table(metrics), "",
-          "![u, s and H per method](gzsl.png)", "",
+          "validation classes only; `*_frozen` = on the untouched pretrained network's features.", "",
+          f"## Results ({sems[0]})", "", metrics_table(metrics), "",
+          "![u, s and H per method](gzsl.png)", "", *side,
+          "## NIWT's settings, chosen on validation classes", "", selection_table(metrics), "",
           "## Stages", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.2f} |" for k, v in t.items()], "",
           f"Seen network: best held-out seen accuracy {ex['seen_val_acc_best']:.3f} after {ex['seen_epochs']} epochs.", "",
           "![fine-tuning](training.png)", "",

@@ -127,7 +127,7 @@ def test_pipeline_gzsl_fast_vs_reference(tmp_path):
     quiet = dict(out=None, store=store, log=lambda *a: None, report=False)
     mf = run_niwt(cfg, **quiet)
     mr = run_niwt(dataclasses.replace(cfg, alpha2w=cfg.alpha2w.replace(method="reference")), **quiet)
-    assert mr["per_seed"][0]["cached"]["alphas"] and not mr["per_seed"][0]["cached"]["alpha2w"]  # only alpha2w reran
+    assert mr["per_seed"][0]["cached"]["alphas"] and not mr["per_seed"][0]["cached"]["niwt[attributes][niwt]"]  # only NIWT reran
     wf, wr = mf["_runs"][0].a2w["W_unseen"], mr["_runs"][0].a2w["W_unseen"]
     torch.testing.assert_close(wf, wr, atol=1e-3, rtol=1e-2)
     for k in ("u", "s", "H", "zsl_top1", "H_cal"):

@@ -271,7 +271,7 @@ def test_presets_are_runconfigs():
 
 
 # ---------------------------------------------------------------- feature level (tiny res101.mat)
-def test_features_stages_and_pipeline_hooks(tmp_path, monkeypatch):
+def test_features_stages_and_pipeline(tmp_path):
     xdir = make_fake_xlsa17_features(tmp_path / "xlsa17" / "data" / "CUB", per_class=10, K=2048)   # real width, few images
     fd = load_xlsa17_features(xdir)
     assert isinstance(fd, FeatureData) and fd.images.shape == (60, 2048, 1, 1)
@@ -279,18 +279,7 @@ def test_features_stages_and_pipeline_hooks(tmp_path, monkeypatch):
     torch.testing.assert_close(fd.images[:, :, 0, 0], torch.from_numpy(raw["features"].T).float())
     names = read_splits_mat(xdir / "att_splits.mat")["classes"]
     assert [fd.classes[l] for l in fd.labels] == [names[l - 1] for l in raw["labels"].ravel()]
-    # run_niwt with the two pipeline hooks this module needs (proposed for niwt_nb.pipeline), patched in here
-    def seen_model_builder(cfg, n_seen):
-        return build_feature_model(cfg, n_seen) if isinstance(cfg, FeatureModelConfig) else pipeline_build(cfg, n_seen)
-    pipeline_build = pipeline.build_model
-    monkeypatch.setattr(pipeline, "build_model", seen_model_builder)
-    orig_feed = pipeline.Run.feed_images
-    def feed_images(self):
-        if isinstance(self.d, FeatureData):
-            tr = self.d.splits["train"]; g = torch.Generator().manual_seed(self.cfg.seed)
-            return self.d.images[tr[torch.randperm(len(tr), generator=g)[:self.cfg.n_feed]]]
-        return orig_feed(self)
-    monkeypatch.setattr(pipeline.Run, "feed_images", feed_images)
+    # the registered 'cub_res101' dataset runs through the pipeline: FeatureNet, its features fed to alpha2w as they are
     cfg = RunConfig(dataset="cub_res101", root=str(tmp_path), **{**TINY_RUN, "model": FeatureModelConfig(hidden=64, out_features=32)})
     m = run_niwt(cfg.replace(train=TrainConfig(epochs=20, lr=3e-3, bs=32, patience=None)), log=lambda *a: None, report=False)
     assert math.isfinite(m["methods"]["niwt"]["H"]) and m["_runs"][0].model.K == 2048

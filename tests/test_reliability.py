@@ -126,9 +126,9 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path):
     assert a["methods"] == b["methods"]
     assert b["per_seed"][0]["cached"]["seen_model"] and b["per_seed"][0]["cached"]["alphas"]
     # determinism across processes: the stored alphas and unseen weights are bit-identical
-    for stage, key in (("alphas", "alphas"), ("alpha2w", "W_unseen")):
+    for stage, name, key in (("alphas", "alphas", "alphas"), ("niwt", "niwt[attributes][niwt]", "W_unseen")):
         sa, sb = ArtifactStore(tmp_path / "ref_cache"), ArtifactStore(cache)
-        k = a["per_seed"][0]["keys"][stage]
+        k = a["per_seed"][0]["keys"][name]
         assert torch.equal(sa.load(stage, k)[key], sb.load(stage, k)[key]), stage
     assert b["config"]["seed"] == 0 and "torch" in b["versions"]
 
