@@ -57,7 +57,7 @@ class Alpha2WConfig(Config):
             raise input_error("init_std", f"must be None or >= 0, got {self.init_std}", "pass None to use the spread of the seen weights")
 
 # %% ../nbs/07_alpha2w.ipynb #58d84415
-from .engine import frozen as _frozen  # eval mode + no parameter gradients, both restored on exit
+from .engine import frozen as _frozen, head_jacobian  # eval mode + no parameter gradients, both restored on exit
 
 def _device(model): return next(model.parameters(), torch.empty(0)).device
 
@@ -95,7 +95,7 @@ def importance_matrix(model: nn.Module, x: torch.Tensor, bs: int = 64, chunk_mb:
     with _frozen(model):
         for i in range(0, len(x), bs):
             with torch.no_grad(): A = model.acts(x[i:i + bs].to(dev))  # (B, K, h, w)
-            Gb = _row_grads(model, A, None, chunk_mb).transpose(1, 2)  # (B, K, D)
+            Gb = head_jacobian(model, A, chunk_mb=chunk_mb).transpose(1, 2)  # (B, K, D): one backward for conv + channel-wise heads
             if not per_image: G = G + Gb.sum(0)
             else:
                 if i == 0: G = torch.empty(len(x), *Gb.shape[1:], dtype=dtype or Gb.dtype, device=dev)  # (N, K, D)

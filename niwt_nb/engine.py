@@ -170,20 +170,24 @@ def _leaves(m: nn.Module):
     return None if list(m.children()) else [m]
 
 def _channelwise_split(head: nn.Module):
-    "`(conv, rest)` when `head` = a foldable convolution, then channel-wise operations only; else None."
+    """`(conv, rest)` when `head` = a foldable convolution, then channel-wise operations only; `(None, head's modules)`
+    when every module is channel-wise (e.g. pooling only); else None."""
     leaves = _leaves(head) if head is not None else None
-    if not leaves or not _foldable(leaves[0]) or not all(type(l) in _CHANNELWISE for l in leaves[1:]): return None
+    if not leaves: return None
+    if all(type(l) in _CHANNELWISE for l in leaves): return None, leaves
+    if not _foldable(leaves[0]) or not all(type(l) in _CHANNELWISE for l in leaves[1:]): return None
     return leaves[0], leaves[1:]
 
 def _jacobian_one_pass(conv, rest, A: torch.Tensor):
     "`G (B, D, K)` by one backward pass through the channel-wise part after `conv` (see above); None if the shapes do not fit."
     with torch.enable_grad():
-        z = conv(A).detach().requires_grad_(True)                              # (B, O, h', w')
+        z = (conv(A) if conv is not None else A).detach().requires_grad_(True)  # (B, O, h', w')
         f = z
         for m in rest: f = m(f)
         if f.ndim != 2 or f.shape[1] != z.shape[1]: return None                   # e.g. flatten over space: channels mix
         g, = torch.autograd.grad(f.sum(), z)                                    # (B, O, h', w'): d f_d / d z_d only
     B, O = g.shape[:2]
+    if conv is None: return torch.diag_embed(g.reshape(B, O, -1).sum(-1).float())   # no convolution: G is diagonal
     M = _const_response(conv, A.shape[-2:], z.shape[-2:]).view(A.shape[1], O, -1)   # (K, O, h'w')
     return torch.einsum("bop,kop->bok", g.reshape(B, O, -1).float(), M.float())    # (B, D, K)
 
