@@ -282,7 +282,7 @@ def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None
             "fallback": fallback, "g_dtype": None if g_dtype is None else str(g_dtype).replace("torch.", ""),
             "feed": cfg.feed, "n_feed": N}
 
-# %% ../nbs/07_alpha2w.ipynb #3945ae25
+# %% ../nbs/07_alpha2w.ipynb #33c81709
 def plot_alpha2w_history(res: dict, ax=None):
     "Loss (left axis) and mean cosine with the targets (right axis) per Adam step. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
