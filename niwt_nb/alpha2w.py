@@ -146,7 +146,7 @@ def _reference_pair_alpha(model, A, W, pair_cls):
     g, = torch.autograd.grad(score, A, create_graph=True)
     return g.sum((2, 3))
 
-# %% ../nbs/07_alpha2w.ipynb #798d2ab2
+# %% ../nbs/07_alpha2w.ipynb #bd7cbe1a
 def _g_dtype(N: int, K: int, D: int, budget_mb: float):
     "float32 if the per-image matrices `(N, K, D)` fit `budget_mb`, else float16 if they fit, else None (mini-batches)."
     for dt in (torch.float32, torch.float16):
@@ -158,21 +158,19 @@ def _pairs_loss_grad(Gx, W, target, w_mean, lam, penalty, chunk_mb):
     the per-class mean cosine `(n_new,)`, `l2` `(n_new,)` and the gradient w.r.t. `W` `(n_new, D)`."""
     N, K, D = Gx.shape
     n, dev = len(W), W.device
-    Wd = W.detach().float()
+    Wd, t_hat = W.detach().float(), F.normalize(target.float(), dim=1)  # (n, D), (n, K)
     per = max(1, int(chunk_mb * 2**20 // (4 * K * (D + 3 * n))))  # images per chunk (G in float32, alphas, their grads)
-    cls = torch.arange(n, device=dev)
     total, cos_sum, grad = torch.zeros((), device=dev), torch.zeros(n, device=dev), torch.zeros_like(Wd)
     for i in range(0, N, per):
         Gc = Gx[i:i + per].float()  # (m, K, D)
         m = len(Gc)
-        a = (Gc.reshape(m * K, D) @ Wd.T).reshape(m, K, n).transpose(1, 2).reshape(m * n, K)  # (m*n, K), pair (x, c) at x*n + c
-        with torch.enable_grad():
-            a.requires_grad_(True)
-            part, cos, _ = alpha2w_objective(a, target, Wd, w_mean, 0.0, pair_cls=cls.repeat(m))
-            part = part * (m / N)  # the chunk's share of the mean over all N*n pairs
-            ga, = torch.autograd.grad(part, a)
-        grad += ga.reshape(m, n, K).transpose(0, 1).reshape(n, m * K) @ Gc.reshape(m * K, D)  # sum_x G_x^T dL/dalpha
-        total += part.detach(); cos_sum += cos.detach().reshape(m, n).sum(0)
+        a = (Gc.reshape(m * K, D) @ Wd.T).reshape(m, K, n).transpose(1, 2)  # (m, n, K): alpha(x; w_c) = G_x w_c
+        nrm = a.norm(dim=2).clamp_min(1e-8)                                  # (m, n)
+        cos = (a * t_hat).sum(2) / nrm                                       # (m, n)
+        ga = (cos / nrm)[..., None] * a - t_hat                              # d(1 - cos)/d alpha, times ||alpha||
+        ga = ga / (nrm[..., None] * (N * n))                                 # ... of the mean over all N*n pairs
+        grad += ga.transpose(0, 1).reshape(n, m * K) @ Gc.reshape(m * K, D)  # sum_x G_x^T dL/dalpha(x; w_c)
+        total += (1 - cos).sum() / (N * n); cos_sum += cos.sum(0)
     with torch.enable_grad():
         Wp = W.detach().requires_grad_(True)
         pen, l2 = alpha2w_penalty(Wp, w_mean, lam, penalty)
@@ -282,7 +280,7 @@ def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None
             "fallback": fallback, "g_dtype": None if g_dtype is None else str(g_dtype).replace("torch.", ""),
             "feed": cfg.feed, "n_feed": N}
 
-# %% ../nbs/07_alpha2w.ipynb #3945ae25
+# %% ../nbs/07_alpha2w.ipynb #33c81709
 def plot_alpha2w_history(res: dict, ax=None):
     "Loss (left axis) and mean cosine with the targets (right axis) per Adam step. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
