@@ -21,15 +21,15 @@ _PENALTIES, _STOPS, _BIASES = ("mean", "half_sum"), ("absolute", "relative"), ("
 @dataclass(frozen=True)
 class Alpha2WConfig(Config):
     "Hyperparameters of alpha -> w (see `fit_alpha2w`)."
-    objective: str = "mean_alpha"   # 'mean_alpha': cosine of the feed-averaged importances; 'pairs': mean per-image cosine over (image, class) pairs (original)
+    objective: str = "pairs"        # 'pairs': mean per-image cosine over (image, class) pairs (original); 'mean_alpha': cosine of the feed-averaged importances
     lr: float = 3e-3                # Adam learning rate, in units of the weights (seen weights are O(0.1) per entry)
-    lam: float = 1e-3               # weight of the L2 pull towards mean(W_seen), scaled as `penalty` says
+    lam: float = 1e-2               # weight of the L2 pull towards mean(W_seen), scaled as `penalty` says
     penalty: str = "mean"           # 'mean': lam * mean_c ||w_c - w_bar||^2 ; 'half_sum': lam * 1/2 sum_c ||w_c - w_bar||^2 (original)
     init_std: float | None = None   # std of the Gaussian init around mean(W_seen); None: per-dimension std of W_seen (original)
     bias: str = "seen_mean"         # bias of every new class: 'seen_mean' (mean seen bias) or 'zero' (original)
     max_steps: int = 3000           # upper bound on Adam steps
-    stop: str = "absolute"          # progress = loss below the monitored loss by `min_delta` ('absolute') or by a fraction `rel_delta` ('relative', original)
-    patience: int = 100             # stop after this many steps without progress (the original's window: 40)
+    stop: str = "relative"          # progress = loss below the monitored loss by a fraction `rel_delta` ('relative', original) or by `min_delta` ('absolute')
+    patience: int = 40              # stop after this many steps without progress (the original's window: 40)
     min_delta: float = 1e-5         # stop='absolute': loss decrease that counts as progress
     rel_delta: float = 0.01         # stop='relative': relative loss decrease that counts as progress (original: eps_perc 0.01)
     feed: str = "seen"              # what the fed images are: 'seen' training images, 'noise' or 'other' (recorded only)

@@ -29,7 +29,7 @@ __all__ = ['DATASETS', 'SEMANTICS', 'ARTIFACT_FORMAT', 'NIWT_GRID', 'NIWT_VARIAN
            'RunConfig', 'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'match_norm', 'Run',
            'OnActivations', 'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
 
-# %% ../nbs/11_pipeline.ipynb #5c1abd60
+# %% ../nbs/11_pipeline.ipynb #65c791e1
 DATASETS: dict = {}   # name -> loader(cfg: RunConfig) -> ZSLData; real benchmarks register here
 
 def register_dataset(name: str):
@@ -59,7 +59,7 @@ def default_train(model_cfg) -> TrainConfig:
     if pretrained(model_cfg): return TrainConfig(mode="cached", epochs=30, lr=1e-3, bs=64, patience=5, augment=False)
     return TrainConfig(epochs=12, lr=3e-3, bs=128, patience=3)
 
-NIWT_GRID = {"alpha2w.lam": [1e-3, 1e-2, 1e-1], "dom2alpha.wd": [1e-4, 1e-2]}   # candidates, chosen on validation classes
+NIWT_GRID = {"alpha2w.lam": [1e-3, 1e-2, 1e-1], "norm_match": [True, False]}   # candidates, chosen on validation classes
 NIWT_VARIANTS = {"niwt": {}}                                                   # name -> settings on top of the run's configs
 
 @dataclass(frozen=True)
@@ -476,7 +476,7 @@ def feed(self: Run):
     "`(network, x)` for alpha2w (`alpha2w_feed` with this run's activation cache)."
     return alpha2w_feed(self.cfg, self.d, self.model, self.acts_tv, self.dev)
 
-# %% ../nbs/11_pipeline.ipynb #6af1dd2e
+# %% ../nbs/11_pipeline.ipynb #25aabd05
 def _zsl_on(F_rows: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor, classes: torch.Tensor) -> float:
     "ZSL top-1 (per-class mean) among `classes` of features `F_rows` with rows `W`, `b` (one per class, in `classes` order)."
     scores = gzsl_logits(F_rows, W, b)
@@ -499,16 +499,21 @@ def niwt(self: Run, sem: str, variant: str = "niwt") -> dict:
             X, y = _trainval(self.F)
             Xv, yv = X[vs.idx_unseen], y[vs.idx_unseen]
             tr = vs.seen
-            table, best = [], None
+            table, best, d2a_fits, a2w_fits = [], None, {}, {}
             for cand in progress(cands, f"select NIWT [{sem}] {variant}"):
                 d2a_cfg, a2w_cfg, norm = _niwt_settings(cfg, cand)
-                d2a, rep = fit_dom2alpha(dom, A["alphas"], A["labels"], tr, d.val_classes, d2a_cfg)
-                with torch.no_grad(): pred = d2a(dom[d.val_classes])
-                res = fit_alpha2w(net, pred.to(self.dev), x, W_seen, b_seen, a2w_cfg)
+                kd, ka = hash_key(d2a_cfg), hash_key(d2a_cfg, a2w_cfg)            # candidates that differ only after alpha2w share its fit
+                if kd not in d2a_fits: d2a_fits[kd] = fit_dom2alpha(dom, A["alphas"], A["labels"], tr, d.val_classes, d2a_cfg)
+                d2a, rep = d2a_fits[kd]
+                if ka not in a2w_fits:
+                    with torch.no_grad(): pred = d2a(dom[d.val_classes])
+                    a2w_fits[ka] = fit_alpha2w(net, pred.to(self.dev), x, W_seen, b_seen, a2w_cfg)
+                res = a2w_fits[ka]
                 Wval = match_norm(res["W"], W_seen) if norm else res["W"]
                 score = _zsl_on(Xv, yv, Wval.cpu(), res["b"].cpu(), d.val_classes)
                 table.append({**cand, "val_zsl": score, "dom2alpha_epochs": rep["best_epoch"] + 1,
-                              "dom2alpha_val_cos": rep["val_cos_class_mean"], "alpha2w_cos": float(res["cos"].mean())})
+                              "dom2alpha_val_cos": rep["val_cos_class_mean"], "alpha2w_cos": float(res["cos"].mean()),
+                              "alpha2w_steps": int(res["steps"])})
                 if best is None or score > best[0]: best = (score, cand, d2a, rep, res, Wval)
             score, cand, d2a, rep, res_val, Wval = best
             rep_val = rep                                                     # the chosen fit, with its validation curves

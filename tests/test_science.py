@@ -32,6 +32,8 @@ from niwt_nb.models import NIWTNet
 from niwt_nb.importance import importances
 from niwt_nb.dom2alpha import Dom2AlphaConfig, fit_dom2alpha
 from niwt_nb.alpha2w import Alpha2WConfig, fit_alpha2w
+from functools import partial
+A2W = partial(Alpha2WConfig, objective="mean_alpha", lam=1e-3, stop="absolute", patience=100)   # the settings these tests were written for (the defaults before the original's objective became the default)
 
 N_GROUPS, PER_CH, R, S, D = 12, 2, 4, 4, 32
 K = 2 * N_GROUPS * PER_CH  # 48 = 3 * R * R channels at the importance layer
@@ -98,7 +100,7 @@ def run_chain(p, objective="mean_alpha", alphas=None, dom=None) -> dict:
     if alphas is None: alphas = importances(net, p["x_tr"], p["y_tr"])  # seen class id == fc column here
     d2a, rep = fit_dom2alpha(dom, alphas, p["y_tr"], D2A_TRAIN, D2A_VAL, Dom2AlphaConfig())
     with torch.no_grad(): target = d2a(dom[UNSEEN])  # (10, K) predicted importances of the unseen classes
-    res = fit_alpha2w(net, target, p["feed"], cfg=Alpha2WConfig(objective=objective, lr=A2W_LR, max_steps=A2W_STEPS))
+    res = fit_alpha2w(net, target, p["feed"], cfg=A2W(objective=objective, lr=A2W_LR, max_steps=A2W_STEPS))
     return {"W": res["W"], "d2a": rep, "a2w": res, "alphas": alphas}
 
 
@@ -157,6 +159,6 @@ def test_alpha2w_recovers_a_probe_from_its_importances(problem):
         loss = F.cross_entropy(probe(p["f_te"]), p["y_te"] - UNSEEN[0]); opt.zero_grad(); loss.backward(); opt.step()
     Wp = probe.weight.detach()
     target = torch.stack([importances(p["net"], p["feed"], c, W=Wp, b=torch.zeros(len(Wp))).mean(0) for c in range(len(Wp))])
-    W = fit_alpha2w(p["net"], target, p["feed"], cfg=Alpha2WConfig(lr=A2W_LR, max_steps=A2W_STEPS))["W"]
+    W = fit_alpha2w(p["net"], target, p["feed"], cfg=A2W(lr=A2W_LR, max_steps=A2W_STEPS))["W"]
     assert zsl(W, p) >= 0.9, zsl(W, p)
     assert zsl(W.roll(1, 0), p) < 0.5

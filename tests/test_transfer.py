@@ -9,6 +9,8 @@ from niwt_nb.core import NIWTInputError, eval_mode
 from niwt_nb.dom2alpha import Dom2AlphaConfig, Dom2Alpha, fit_dom2alpha, spearman_rows, _class_sums, _cos_loss
 from niwt_nb.alpha2w import (Alpha2WConfig, fit_alpha2w, importance_matrix, alpha2w_objective, alpha2w_penalty,
                              _reference_alpha, _reference_pair_alpha, _pairs_loss_grad, _Plateau, _frozen)
+from functools import partial
+A2W = partial(Alpha2WConfig, objective="mean_alpha", lam=1e-3, stop="absolute", patience=100)   # the settings these tests were written for (the defaults before the original's objective became the default)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -108,7 +110,7 @@ A2W_BAD = [
     ("3-d feed", lambda a: dict(feed_x=a["feed_x"][0]), "`feed_x`: expected 4 dimensions"),
     ("NaN feed", lambda a: dict(feed_x=_nan(a["feed_x"], (0, 0, 0, 0))), "`feed_x`: contains 1 NaN"),
     ("one seen class", lambda a: dict(W_seen=a["W_seen"][:1], b_seen=a["b_seen"][:1]), "pass cfg.init_std"),
-    ("one seen class, pairs", lambda a: dict(W_seen=a["W_seen"][:1], b_seen=a["b_seen"][:1], cfg=Alpha2WConfig(objective="pairs")), "pass cfg.init_std"),
+    ("one seen class, pairs", lambda a: dict(W_seen=a["W_seen"][:1], b_seen=a["b_seen"][:1], cfg=A2W(objective="pairs")), "pass cfg.init_std"),
     ("not a NIWTNet", lambda a: dict(model=nn.Linear(3, 3)), "`model`: has no `acts`"),
     ("cfg type", lambda a: dict(cfg={"lr": 1.0}), "`cfg`"),
 ]
@@ -117,7 +119,7 @@ A2W_BAD = [
 def test_alpha2w_bad_input(tiny, name, override, msg):
     net, x, W_true, target = tiny
     args = dict(model=net, alpha_target=target, feed_x=x, W_seen=net.fc.weight.detach(), b_seen=net.fc.bias.detach(),
-                cfg=Alpha2WConfig(max_steps=2))
+                cfg=A2W(max_steps=2))
     args.update(override(args))
     with pytest.raises(NIWTInputError) as e: fit_alpha2w(**args)
     assert msg in str(e.value) and "Fix:" in str(e.value)
@@ -280,7 +282,7 @@ def test_fast_and_reference_same_loss_and_gradient(tiny):
 
 def test_end_to_end_recovers_importances_and_methods_agree(tiny):
     net, x, W_true, target = tiny
-    cfg = Alpha2WConfig(lr=1e-2, bs=len(x), max_steps=300, patience=30)
+    cfg = A2W(lr=1e-2, bs=len(x), max_steps=300, patience=30)
     fast = fit_alpha2w(net, target, x, cfg=cfg)
     ref = fit_alpha2w(net, target, x, cfg=cfg.replace(method="reference"))
     for r in (fast, ref):
@@ -295,7 +297,7 @@ def test_alpha2w_deterministic_and_rng_untouched(tiny):
     net, x, _, target = tiny
     state = torch.random.get_rng_state()
     for method in ("fast", "reference"):
-        cfg = Alpha2WConfig(method=method, bs=7, max_steps=15)
+        cfg = A2W(method=method, bs=7, max_steps=15)
         r1, r2 = fit_alpha2w(net, target, x, cfg=cfg), fit_alpha2w(net, target, x, cfg=cfg)
         torch.testing.assert_close(r1["W"], r2["W"], rtol=0, atol=0)
         assert r1["history"] == r2["history"]
@@ -305,12 +307,12 @@ def test_alpha2w_deterministic_and_rng_untouched(tiny):
 
 def test_alpha2w_plateau_and_records(tiny):
     net, x, _, target = tiny
-    r = fit_alpha2w(net, target, x, cfg=Alpha2WConfig(min_delta=10.0, patience=4, feed="noise"))
+    r = fit_alpha2w(net, target, x, cfg=A2W(min_delta=10.0, patience=4, feed="noise"))
     h = r["history"]["loss"]
     assert (r["stopped"], r["steps"]) == ("plateau", 5)
     assert r["best_step"] == h.index(min(h)) and r["loss"] == min(h)  # the lowest-loss step's weights are returned
     assert (r["feed"], r["n_feed"], r["method"], r["objective"]) == ("noise", len(x), "fast", "mean_alpha")
-    r = fit_alpha2w(net, target, x, cfg=Alpha2WConfig(max_steps=7, patience=100))
+    r = fit_alpha2w(net, target, x, cfg=A2W(max_steps=7, patience=100))
     assert (r["stopped"], r["steps"]) == ("max_steps", 7)
 
 
@@ -323,7 +325,7 @@ def test_real_smallcnn_fast_path():
     W = torch.randn(2, net.D, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(W @ G.T, plain_alphas(net, x, W), rtol=1e-3, atol=1e-6)
     target = plain_alphas(net, x, net.fc.weight.detach()[:2] + 0.05)
-    r = fit_alpha2w(net, target, x, cfg=Alpha2WConfig(max_steps=50))
+    r = fit_alpha2w(net, target, x, cfg=A2W(max_steps=50))
     assert r["W"].shape == (2, net.D) and r["loss"] < r["history"]["loss"][0]
     torch.testing.assert_close(r["cos"], F.cosine_similarity(plain_alphas(net, x, r["W"]), target), rtol=1e-3, atol=1e-4)
 
@@ -366,7 +368,7 @@ def test_per_image_G_and_pairs_fast_path_equal_autograd(tiny):
 
 def test_pairs_fast_and_reference_fits_agree(tiny):
     net, x, _, target = tiny
-    cfg = Alpha2WConfig(objective="pairs", penalty="half_sum", lam=1e-2, lr=1e-2, max_steps=150, patience=30)
+    cfg = A2W(objective="pairs", penalty="half_sum", lam=1e-2, lr=1e-2, max_steps=150, patience=30)
     fast = fit_alpha2w(net, target, x, cfg=cfg)
     ref = fit_alpha2w(net, target, x, cfg=cfg.replace(method="reference", bs=len(x) * len(target)))  # one batch = all pairs
     assert abs(fast["loss"] - ref["loss"]) < 1e-4 and fast["steps"] == ref["steps"]
@@ -380,7 +382,7 @@ def test_pairs_fast_and_reference_fits_agree(tiny):
 
 def test_pairs_storage_budget_fp16_then_minibatches(tiny):
     net, x, _, target = tiny
-    cfg = Alpha2WConfig(objective="pairs", lr=1e-2, max_steps=40)
+    cfg = A2W(objective="pairs", lr=1e-2, max_steps=40)
     nbytes = len(x) * 8 * 16
     r32 = fit_alpha2w(net, target, x, cfg=cfg)
     r16 = fit_alpha2w(net, target, x, cfg=cfg.replace(g_budget_mb=3 * nbytes / 2**20))  # fits in float16 only
@@ -396,7 +398,7 @@ def test_half_sum_penalty_is_the_originals_and_scales_with_classes(tiny):
     W, wm = torch.randn(3, 16), torch.randn(16)
     assert torch.allclose(alpha2w_penalty(W, wm, 0.01, "half_sum")[0], 0.01 * 0.5 * ((W - wm) ** 2).sum())  # lam * tf.nn.l2_loss
     assert torch.allclose(alpha2w_penalty(W, wm, 0.01, "mean")[0], 0.01 * ((W - wm) ** 2).sum(1).mean())
-    base = Alpha2WConfig(lr=1e-2, max_steps=40)
+    base = A2W(lr=1e-2, max_steps=40)
     a = fit_alpha2w(net, target, x, cfg=base.replace(penalty="half_sum", lam=0.2))
     b = fit_alpha2w(net, target, x, cfg=base.replace(penalty="mean", lam=0.2 * len(target) / 2))
     torch.testing.assert_close(a["W"], b["W"], rtol=0, atol=1e-4)
@@ -416,7 +418,7 @@ def test_relative_stopping_is_the_originals_rule():
     for trial in range(20):
         losses = (1 + 0.2 * torch.rand(200, generator=g)).cumprod(0).reciprocal().tolist()  # noisy decreasing
         losses = [l * (1 + 0.02 * float(torch.randn(1, generator=g))) for l in losses]
-        p, n = _Plateau(Alpha2WConfig(stop="relative", rel_delta=0.01, patience=7)), None
+        p, n = _Plateau(A2W(stop="relative", rel_delta=0.01, patience=7)), None
         for i, l in enumerate(losses):
             if p.step(l): n = i + 1; break
         n = len(losses) if n is None else n
@@ -427,5 +429,5 @@ def test_relative_stopping_is_the_originals_rule():
 
 def test_bias_option(tiny):
     net, x, _, target = tiny
-    assert torch.equal(fit_alpha2w(net, target, x, cfg=Alpha2WConfig(max_steps=2, bias="zero"))["b"], torch.zeros(3))
-    torch.testing.assert_close(fit_alpha2w(net, target, x, cfg=Alpha2WConfig(max_steps=2))["b"], net.fc.bias.detach().mean().expand(3))
+    assert torch.equal(fit_alpha2w(net, target, x, cfg=A2W(max_steps=2, bias="zero"))["b"], torch.zeros(3))
+    torch.testing.assert_close(fit_alpha2w(net, target, x, cfg=A2W(max_steps=2))["b"], net.fc.bias.detach().mean().expand(3))
