@@ -328,24 +328,35 @@ def _preset(dataset: str, arch: str) -> dict:
     train = (TrainConfig(epochs=600, head_epochs=0, finetune_all=False, lr=1e-3, wd=1e-4, bs=32 if cub else 33, patience=10, img_size=224)
              if res else TrainConfig(epochs=600, head_epochs=10, finetune_all=True, lr=1e-3, body_lr_mult=1e-2, wd=5e-4,
                                      bs=64 if cub else 63, patience=10, img_size=224))
-    return dict(dataset=dataset, semantic="attributes",
+    E = 500 if res else 300                                   # dom2alpha: every epoch run, the best on validation kept
+    return dict(dataset=dataset, semantic="attributes_raw",   # raw class-level continuous attributes, unnormalised
                 model=ModelConfig(backbone=arch, layer="layer4.0" if res else "conv5_3", weights="imagenet"),
                 train=train, importance=ImportanceConfig(bs=64, reduce="sum", img_size=224),
-                dom2alpha=Dom2AlphaConfig(arch="linear", lr=1e-4 if cub else 1e-3, wd=0.0, bs=64, max_epochs=500 if res else 300, patience=100),
-                alpha2w=Alpha2WConfig(lr=lr_a2w, lam=lam / 2, init_std=None, max_steps=3000, patience=40, feed="seen",
-                                      bs=32 if (cub and res) else 64, n_feed=3000),
-                n_feed=3000, norm_match=False)
+                dom2alpha=Dom2AlphaConfig(arch="linear", lr=1e-4 if cub else 1e-3, wd=0.0, bs=64, init="normal", norm_reg=0.0,
+                                          normalize_dom=False, max_epochs=E, patience=E),
+                alpha2w=Alpha2WConfig(objective="pairs", penalty="half_sum", lam=lam, lr=lr_a2w, bias="zero", init_std=None,
+                                      stop="relative", rel_delta=0.01, patience=40, method="reference",
+                                      bs=64 if (not cub and not res) else 32, feed="seen", n_feed=3000, max_steps=20000),
+                n_feed=3000, norm_match=False, select=False, variants={"niwt": {}})
 
 PRESETS = {f"{ds}_{arch}": _preset(ds, arch) for ds in ("cub", "awa2") for arch in ("resnet101", "vgg16")}
 
 _COMMON_NOTES = {
     "approximations": [
-        "alpha2w is fed seen-class training images (feed='seen'); the original fed 3000 random ImageNet images",
-        "alpha2w stops after `patience` steps without an absolute improvement of `min_delta`; the original stopped when the loss "
-        "had not improved by 1 % within 40 steps",
-        "lam is halved: the original's TF l2_loss is ½‖w − mean W_seen‖², niwt_nb's penalty is ‖w − mean W_seen‖²",
-        "dom2alpha L2-normalises each class vector (normalize_dom=True); the original divided attributes by their global max",
-        "images are resized to a 224 x 224 square; the original used vgg_preprocessing (aspect-preserving resize, 224 crop)",
+        "alpha2w is fed seen-class training images (feed='seen'); the original fed 3000 random ImageNet images (pass "
+        "alpha2w.feed='other' with feed_dir= a folder of ImageNet images to do the same)",
+        "alpha2w's training items: the original made one (image, class) pair per unseen *test* image (that image's class and a "
+        "random ImageNet image), so class frequencies follow the test set; niwt_nb draws mini-batches of `bs` pairs from the "
+        "cross product of the fed images and the unseen classes (method='reference', the same double backward)",
+        "alpha2w keeps the weights of the lowest-loss step; the original kept the end-of-epoch weights of the epoch with the "
+        "lowest mean training loss. Stopping matches (stop='relative', 1 % within 40 steps); the original's window counter starts at 1",
+        "the original's ResNet GZSL evaluation used zero seen biases (its new logits_seen layer copies the weights only); "
+        "niwt_nb keeps the fine-tuned seen biases",
+        "dom2alpha: the original fed the raw class-level continuous attributes (CUB class_attribute_labels_continuous.txt, 0-100; "
+        "AWA2 the continuous predicate matrix, -1 set to 0) without normalisation (the division by the global max in its "
+        "encode_attributes_class loops over an empty dict and is never reached); the presets use semantic='attributes_raw' with "
+        "normalize_dom=False (AWA2's -1 entries are kept as xlsa17 stores them)",
+        "images: shorter side to 256, central 224 crop, as the original's vgg_preprocessing",
         "validation classes: the loader's default is xlsa17 valclasses1 (50 CUB / 13 AWA2 classes); the original held out "
         "5 random seen classes (n_train_class 145 / 35): load with val_classes=None for that",
         "norm_match=False and no calibration reproduce the original evaluation; niwt_nb also reports calibrated numbers"],
