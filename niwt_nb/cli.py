@@ -17,7 +17,8 @@ from .pipeline import RunConfig, run_niwt, SEMANTICS
 _MODEL_FLAGS = ("backbone", "layer", "weights")
 
 def make_run_config(dataset=None, root=None, semantic=None, backbone=None, weights=None, layer=None, seed=0, epochs=None,
-                    encoder=None, quick=False, present_only=False, img_size=None, features=False, preset=None) -> RunConfig:
+                    encoder=None, quick=False, present_only=False, img_size=None, features=False, preset=None,
+                    classes=None, feed=None, feed_dir=None) -> RunConfig:
     """A `RunConfig` from command-line style arguments; `None` means "not given". With `preset`, every argument given
     explicitly overrides the preset (and so shows in `metrics.json`'s config) or is refused with a clear error, never
     silently dropped; so with `features`. `quick=True`: a tiny configuration for smoke tests."""
@@ -53,6 +54,9 @@ def make_run_config(dataset=None, root=None, semantic=None, backbone=None, weigh
         if features:
             from niwt_nb.features import FeatureModelConfig
             cfg = cfg.replace(dataset=f"{dataset}_res101", model=FeatureModelConfig(seed=seed), explain=False)
+    if classes is not None: cfg = cfg.replace(classes=classes)
+    if feed is not None or feed_dir is not None:
+        cfg = cfg.replace(alpha2w=cfg.alpha2w.replace(feed=feed or ("other" if feed_dir else cfg.alpha2w.feed)), feed_dir=feed_dir)
     if epochs is not None: cfg = cfg.replace(train=cfg.train_config.replace(epochs=int(epochs), head_epochs=0))
     if quick and not features:
         from niwt_nb.shapes import ShapesConfig
@@ -65,10 +69,10 @@ def make_run_config(dataset=None, root=None, semantic=None, backbone=None, weigh
 
 def niwt_run(out="runs/default", dataset=None, root=None, semantic=None, backbone=None, weights=None, layer=None, seed=0,
              seeds=None, epochs=None, encoder=None, cache=None, quick=False, quiet=False, present_only=False, img_size=None,
-             features=False, preset=None) -> dict:
+             features=False, preset=None, classes=None, feed=None, feed_dir=None) -> dict:
     "Run every NIWT stage and the baselines; write `out/metrics.json` and `out/report.md`. Returns the metrics."
     cfg = make_run_config(dataset, root, semantic, backbone, weights, layer, seed, epochs, encoder, quick,
-                          present_only, img_size, features, preset)
+                          present_only, img_size, features, preset, classes, feed, feed_dir)
     store = ArtifactStore(Path(cache)) if cache else ArtifactStore()
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     with temp_env(**({"NIWT_QUIET": "1"} if quiet else {})):             # quiet silences the progress bars too, then is undone
@@ -76,16 +80,17 @@ def niwt_run(out="runs/default", dataset=None, root=None, semantic=None, backbon
 
 # the command-line flag of each argument, for error messages
 FLAGS = {k: "--" + k.replace("_", "-") for k in ("out", "dataset", "root", "semantic", "backbone", "weights", "layer", "seed",
-                                                 "seeds", "epochs", "encoder", "cache", "present_only", "img_size", "features", "preset")}
+                                                 "seeds", "epochs", "encoder", "cache", "present_only", "img_size", "features", "preset",
+                                                 "classes", "feed", "feed_dir")}
 
 @call_parse
 def niwt_run_cli(
     out: Param("output folder for metrics.json and the report", str) = "runs/default",
     dataset: Param("dataset: shapes (built in, the default), or a registered real benchmark (cub, awa2)", str) = None,
     root: Param("dataset root folder (real benchmarks); default $NIWT_DATA", str) = None,
-    semantic: Param(f"semantic input: {', '.join(SEMANTICS)} (default attributes)", str) = None,
-    backbone: Param("smallcnn (default), resnet18, resnet50, resnet101 or vgg16", str) = None,
-    weights: Param("random (default), imagenet (needs internet) or a local state_dict file", str) = None,
+    semantic: Param(f"semantic input(s), comma-separated: {', '.join(SEMANTICS)} (default attributes)", str) = None,
+    backbone: Param("smallcnn (default), efficientnet_lite0/1/2, resnet18/50/101 or vgg16", str) = None,
+    weights: Param("random (default), imagenet (offline for efficientnet_lite*; resnet/vgg need internet) or a state_dict file", str) = None,
     layer: Param("importance layer as a dotted name (default: the paper's)", str) = None,
     seed: Param("random seed", int) = 0,
     seeds: Param("several seeds, e.g. '0 1 2' (mean ± std is reported)", str) = None,
@@ -96,6 +101,9 @@ def niwt_run_cli(
     img_size: Param("decode image files to this size (default: the backbone's input size, e.g. 224)", int) = None,
     features: Param("use xlsa17 res101.mat features (feature-level NIWT) instead of images", store_true) = False,
     preset: Param("a named preset reproducing the paper's configuration (see niwt_nb.cub.PRESETS); flags given override it", str) = None,
+    classes: Param("keep only these classes: 1-based numbers in the dataset's class list, e.g. '1-10'", str) = None,
+    feed: Param("what alpha2w is fed: seen (default), noise, or other (with --feed-dir)", str) = None,
+    feed_dir: Param("a folder of images from another source to feed alpha2w (e.g. ImageNet images)", str) = None,
     quick: Param("tiny configuration for a smoke test", store_true) = False,
     quiet: Param("no progress output", store_true) = False,
 ):
@@ -106,7 +114,7 @@ def niwt_run_cli(
         print(f"niwt_run: error: `--seeds`: expected integers like '0 1 2', got {seeds!r}", file=sys.stderr); sys.exit(2)
     try:
         m = niwt_run(out, dataset, root, semantic, backbone, weights, layer, seed, sd, epochs, encoder, cache, quick, quiet,
-                     present_only, img_size, features, preset)
+                     present_only, img_size, features, preset, classes, feed, feed_dir)
     except NIWTInputError as e:
         if e.arg in FLAGS: e = e.renamed(FLAGS[e.arg])                       # name the flag the user typed
         print(f"niwt_run: error: {e}", file=sys.stderr); sys.exit(2)

@@ -26,10 +26,10 @@ from .evaluate import (GZSLProblem, ValProblem, val_split, evaluate_gzsl, run_ba
 # %% auto #0
 __all__ = ['DATASETS', 'SEMANTICS', 'ARTIFACT_FORMAT', 'NIWT_GRID', 'NIWT_VARIANTS', 'SMALLCNN_FILE_SIZE', 'SPLITS',
            'IMAGE_SUFFIXES', 'BUNDLE_VERSION', 'register_dataset', 'build_any_model', 'pretrained', 'default_train',
-           'RunConfig', 'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'match_norm', 'Run',
-           'OnActivations', 'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
+           'RunConfig', 'parse_classes', 'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'match_norm',
+           'Run', 'OnActivations', 'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
 
-# %% ../nbs/11_pipeline.ipynb #65c791e1
+# %% ../nbs/11_pipeline.ipynb #f3dbbd01
 DATASETS: dict = {}   # name -> loader(cfg: RunConfig) -> ZSLData; real benchmarks register here
 
 def register_dataset(name: str):
@@ -86,6 +86,7 @@ class RunConfig(Config):
     frozen_baselines: tuple = ("eszsl", "sae")   # also on the untouched pretrained network's features (pretrained only)
     explain: bool = True                   # score Grad-CAM / text / neuron names when the data has ground truth
     present_only: bool = False             # real benchmarks: keep only the classes whose images are all on disk
+    classes: str | None = None             # keep only these classes: 1-based numbers in the dataset's class list, e.g. "1-10,15"
     img_size: int | None = None            # image files are decoded once to img_size x img_size (None: `decode_size`)
     device: str | None = None
 
@@ -111,6 +112,7 @@ class RunConfig(Config):
             if v is not None and not isinstance(v, dict): raise input_error(k, f"expected a dict or None, got {type(v).__name__}", "see NIWT_GRID / NIWT_VARIANTS")
         for name, over in self.niwt_variants.items(): _niwt_settings(self, over, "variants")
         for cand in _expand(self.grid): _niwt_settings(self, cand, "niwt_grid")
+        if self.classes is not None: parse_classes(self.classes)
         if self.alpha2w.feed == "other" and self.feed_dir is None:
             raise input_error("feed_dir", "alpha2w.feed='other' needs a folder of images from another source", "pass feed_dir= (e.g. ImageNet images, as the original fed)")
 
@@ -153,6 +155,20 @@ class RunConfig(Config):
         return dataclasses.replace(self, model=self.model.replace(seed=s), train=self.train_config.replace(seed=s),
                                    dom2alpha=self.dom2alpha.replace(seed=s), alpha2w=self.alpha2w.replace(seed=s))
 
+def parse_classes(spec: str, n_cls: int | None = None) -> list[int]:
+    "1-based class numbers from a spec like `'1-10,15'`, sorted and unique; checked against `n_cls` when given."
+    bad = lambda why: input_error("classes", f"{spec!r} {why}", "pass 1-based class numbers and ranges, e.g. '1-10,15'")
+    if not isinstance(spec, str) or not spec.strip(): raise bad("is not a class list")
+    out = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()): raise bad(f"has a bad part {part.strip()!r}")
+        a, b = int(lo), int(hi) if hi else int(lo)
+        if a < 1 or b < a: raise bad(f"has an empty or non-positive range {part.strip()!r}")
+        out.update(range(a, b + 1))
+    if n_cls is not None and max(out) > n_cls: raise bad(f"names class {max(out)} but the dataset has {n_cls}")
+    return sorted(out)
+
 def _expand(grid: dict) -> list[dict]:
     "Every combination of a `{key: [values]}` grid, in order (the first value of each key first)."
     if not grid: return [{}]
@@ -176,7 +192,7 @@ def _niwt_settings(cfg: RunConfig, overrides: dict, arg: str = "niwt_grid") -> t
         else: raise input_error(arg, f"unknown setting {k!r}", "use 'dom2alpha.<field>', 'alpha2w.<field>' or 'norm_match'")
     return d2a, a2w, norm
 
-# %% ../nbs/11_pipeline.ipynb #31e41cb1
+# %% ../nbs/11_pipeline.ipynb #efba97c2
 def load_dataset(cfg: RunConfig) -> ZSLData:
     "The `ZSLData` named by `cfg.dataset` (validated), as its loader returns it: real benchmarks keep image *files* (see `load_run_data`)."
     if cfg.dataset == "shapes":
@@ -238,6 +254,9 @@ def load_run_data(cfg: RunConfig, store: ArtifactStore | None = None, check: boo
     """`(data, model)`: the dataset of `cfg`, checked by `check_run` (model: the freshly built network, None without
     `check`), then with image files decoded once into memory at `decode_size` (cached in `store` when given)."""
     d = load_dataset(cfg)
+    if cfg.classes is not None: d = d.subset_classes(torch.tensor(parse_classes(cfg.classes, d.n_cls)) - 1)
+    if not len(d.unseen) or not len(d.seen):
+        raise input_error("classes", f"{cfg.classes!r} leaves {len(d.seen)} seen and {len(d.unseen)} unseen classes", "keep at least one of each")
     model = check_run(cfg, d) if check else None
     size = decode_size(cfg, d)
     if size is not None:
@@ -296,11 +315,11 @@ def _plain(o):
 
 def _state(m: nn.Module) -> dict: return {k: v.detach().cpu() for k, v in m.state_dict().items()}
 
-# %% ../nbs/11_pipeline.ipynb #fde9a0f6
+# %% ../nbs/11_pipeline.ipynb #290f31ee
 @patch
 def data(self: Run) -> ZSLData:
     "Load the dataset, check the whole configuration against it (`check_run`: seconds), then decode image files once."
-    with self.stage("data", hash_key(self.cfg.dataset, self.cfg.root, self.cfg.shapes, self.cfg.present_only, self.cfg.img_size)):
+    with self.stage("data", hash_key(self.cfg.dataset, self.cfg.root, self.cfg.shapes, self.cfg.present_only, self.cfg.classes, self.cfg.img_size)):
         data, self.model0 = load_run_data(self.cfg, self.store)
         self.keys["data"] = data.fingerprint()
     self.d = data
