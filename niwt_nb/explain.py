@@ -524,6 +524,7 @@ class PartConsistency:
     set_names: list                 # (S,) e.g. 'left wing+right wing'
     attr_sets: torch.Tensor         # (n_attr,) set of each attribute, -1 = none
     name_sets: torch.Tensor         # (K,) set of each channel's name, -1 = its name has no part
+    name_attrs: torch.Tensor        # (K,) the name attribute that gave it (the first of its top 3 that names a part), -1 = none
     M: torch.Tensor                 # (K,S) hit rates on the held-out (naming) images
     M_fit: torch.Tensor             # (K,S) on the disjoint fit images (the oracle's choice)
     table: object                   # part_table DataFrame
@@ -568,6 +569,8 @@ class RunExplanations:
                           ("energy_center", "energy_in_mask_center"), ("energy_flat", "energy_in_mask_flat"), ("correct", "explained_accuracy"),
                           ("class_precision", "text_class_precision"), ("class_precision_random", "text_class_precision_random"),
                           ("class_precision_prior", "text_class_precision_frequent"), ("class_precision_true", "text_class_precision_true_class"),
+                          ("distinct_precision", "text_distinct_precision"), ("distinct_precision_random", "text_distinct_precision_random"),
+                          ("distinct_precision_prior", "text_distinct_precision_frequent"), ("distinct_precision_true", "text_distinct_precision_true_class"),
                           ("rank_corr", "text_rank_corr"), ("rank_corr_other", "text_rank_corr_other_classes"),
                           ("rank_corr_true", "text_rank_corr_true_class")):
             out[name], out[name + "_seen"] = mean(self.scores.get(key), u), mean(self.scores.get(key), ~u)
@@ -645,22 +648,25 @@ def _part_scores(inv, names, d, te, fi, S_te, S_fi, img_size, size, radius, top,
     attr_sets, sets = attribute_parts(names, d.part_names, groups)
     if not sets: return None
     cand = attr_sets[neuron_attributes(inv, min(3, inv.d)).cpu()]              # (K, 3) parts of each channel's top-3 attributes
-    has = cand >= 0
-    name_sets = torch.where(has.any(1), cand.gather(1, has.long().argmax(1, keepdim=True))[:, 0], -1)   # the first that names a part
+    has = cand >= 0; first = has.long().argmax(1, keepdim=True)               # the first of them that names a part
+    name_sets = torch.where(has.any(1), cand.gather(1, first)[:, 0], -1)
+    name_attrs = torch.where(has.any(1), neuron_attributes(inv, min(3, inv.d)).cpu().gather(1, first)[:, 0], -1)
     r = float(radius * min(size))
     P_te, P_fi = _part_locs(d, te, img_size), _part_locs(d, fi, img_size)
     M = part_consistency(S_te["val"], *part_hits(S_te["xy"], P_te, sets, r), top)
     M_fit = part_consistency(S_fi["val"], *part_hits(S_fi["xy"], P_fi, sets, r), top)
     set_names = ["+".join(d.part_names[p] for p in s) for s in sets]
-    return PartConsistency(sets, set_names, attr_sets, name_sets, M, M_fit, part_table(M, name_sets, attr_sets, M_fit, set_names),
+    return PartConsistency(sets, set_names, attr_sets, name_sets, name_attrs, M, M_fit, part_table(M, name_sets, attr_sets, M_fit, set_names),
                            S_te["val"], S_te["xy"], P_te, r, float(top))
 
 def collect_explanations(run, n_images: int = 200, k: int = 5, n_naming: int = 2000, seed: int = 0, bs: int = 64,
-                         radius: float = 0.125, top: float = 0.2, threshold: float = 0.5, part_groups: dict | None = None) -> RunExplanations:
+                         radius: float = 0.125, top: float = 0.2, threshold: float = 0.5, margin: float = 0.2,
+                         part_groups: dict | None = None) -> RunExplanations:
     """Grad-CAM, textual explanations and neuron names of a finished pipeline `Run`, scored against its dataset's ground
     truth (see above). Uses `run.acts` (an `ActivationCache` of the run's model) when present instead of running the body.
     `radius` (fraction of the image side) and `top` set the part-consistency score, `threshold` the class attributes
-    counted as present, `part_groups` the attribute group -> parts map (default `CUB_PART_GROUPS`)."""
+    counted as present and `margin` those counted as distinctive (that much more frequent than over the seen training
+    classes), `part_groups` the attribute group -> parts map (default `CUB_PART_GROUPS`)."""
     for a in ("d", "model", "A", "a2w", "cfg"):
         if not hasattr(run, a): raise input_error("run", f"has no `.{a}`: not a finished pipeline Run", "pass run_niwt(cfg, ...)['_runs'][0]")
     d, model = run.d, run.model
@@ -668,7 +674,7 @@ def collect_explanations(run, n_images: int = 200, k: int = 5, n_naming: int = 2
         raise input_error("run", f"dataset {d.name!r} has no named attributes to explain with", "use a dataset with attributes")
     for name, v in (("n_images", n_images), ("n_naming", n_naming), ("bs", bs)): _pos_int(name, v)
     _pos_int("k", k, len(d.attr_names))
-    for name, v, hi in (("radius", radius, 1), ("top", top, 1), ("threshold", threshold, 1)):
+    for name, v, hi in (("radius", radius, 1), ("top", top, 1), ("threshold", threshold, 1), ("margin", margin, 1)):
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= hi):
             raise input_error(name, f"expected a number in (0, {hi}], got {v!r}", f"pass e.g. {name}=0.2")
     dev, img_size = next(model.parameters()).device, run.cfg.importance.img_size or run.cfg.train.img_size
@@ -712,12 +718,15 @@ def collect_explanations(run, n_images: int = 200, k: int = 5, n_naming: int = 2
                       precision_random=(ga > 0.5).float().mean(1), precision_prior=text_precision(frequent, ga))
     y, freq = d.labels[idx], class_attribute_frequency(d)
     gc = (freq >= threshold).float()[y]                                        # (n, n_attr) attributes of the true class
+    gd = (freq >= freq[tr].mean(0) + margin).float()[y]                        # (n, n_attr) ... that set it apart
     frequent = freq[tr].mean(0).topk(k).indices.expand(len(idx), k)
     zc = (d.dom["attributes"].float() - inv.y_mean.cpu()) / inv.y_std.cpu()     # (n_cls, d) every class in the map's units
     R, Rt = rank_corr(ex["z"], zc), rank_corr(cat(true, "z"), zc)             # (n, n_cls)
     at = torch.arange(len(idx))
     scores.update(class_precision=text_precision(ex["idx"], gc), class_precision_true=text_precision(cat(true, "idx"), gc),
                   class_precision_random=gc.mean(1), class_precision_prior=text_precision(frequent, gc),
+                  distinct_precision=text_precision(ex["idx"], gd), distinct_precision_true=text_precision(cat(true, "idx"), gd),
+                  distinct_precision_random=gd.mean(1), distinct_precision_prior=text_precision(frequent, gd),
                   rank_corr=R[at, y], rank_corr_true=Rt[at, y], rank_corr_other=(R.sum(1) - R[at, y]) / max(1, d.n_cls - 1))
     # -- neuron names: against image attributes (AUROC) and part locations (part consistency)
     te = pick(torch.cat([d.splits["test_seen"], d.splits["test_unseen"]]), n_naming); fi = pick(d.splits["trainval"], n_naming)
@@ -795,7 +804,7 @@ def plot_neuron_parts(ex: RunExplanations, neurons=None, n: int = 5, patch: floa
                 if pts[q, 2] > 0: ax.plot(*pts[q, :2].tolist(), "o" if q in members else ".", ms=4 if q in members else 3,
                                           mfc="none" if q in members else "white", mec="cyan" if q in members else "white", mew=1.2)
             ax.add_patch(Circle((x0, y0), p.radius, fill=False, ec="white", lw=0.7, ls="--"))
-        axs[r, 0].set_ylabel(f"#{k}: {ex.neuron_names[k].split(' / ')[0].removeprefix('has_')}\n→ {p.set_names[s]}\nhit {float(p.M[k, s]):.2f}",
+        axs[r, 0].set_ylabel(f"#{k}: {_short_attr(ex.vocab[int(p.name_attrs[k])])}\n→ {p.set_names[s]}\nhit {float(p.M[k, s]):.2f}",
                              rotation=0, ha="right", va="center", fontsize=6)
     fig.subplots_adjust(wspace=0.03, hspace=0.05, left=2.2 / (n * size + 2.2))
     return fig
@@ -817,17 +826,20 @@ def plot_explanations(ex: RunExplanations, n: int = 12, n_neurons: int = 4) -> d
     rows = []
     for key, lab, kind in (("precision", "predicted class", "image"), ("precision_true", "true class", "image"), ("precision_prior", "most frequent", "image"),
                            ("precision_random", "random", "image"), ("class_precision", "predicted class", "class"), ("class_precision_true", "true class", "class"),
-                           ("class_precision_prior", "most frequent", "class"), ("class_precision_random", "random", "class")):
+                           ("class_precision_prior", "most frequent", "class"), ("class_precision_random", "random", "class"),
+                           ("distinct_precision", "predicted class", "distinct"), ("distinct_precision_true", "true class", "distinct"),
+                           ("distinct_precision_prior", "most frequent", "distinct"), ("distinct_precision_random", "random", "distinct")):
         if key in ex.scores: rows += [{"images": "unseen" if uu else "seen", "explanation": lab, "kind": kind, "precision": v}
                                       for uu, v in zip(ex.unseen.tolist(), ex.scores[key].tolist())]
     if rows:
-        df = pd.DataFrame(rows); kinds = [k_ for k_ in ("image", "class") if (df.kind == k_).any()]
-        fig, axs = plt.subplots(1, len(kinds) + 1, figsize=(3.6 * (len(kinds) + 1), 3), squeeze=False)
+        df = pd.DataFrame(rows); kinds = [k_ for k_ in ("image", "class", "distinct") if (df.kind == k_).any()]
+        fig, axs = plt.subplots(1, len(kinds) + 1, figsize=(3 * (len(kinds) + 1), 3), squeeze=False)
         for ax, k_ in zip(axs[0], kinds):
             sns.barplot(data=df[df.kind == k_], x="explanation", y="precision", hue="images", ax=ax)
             ax.set_ylim(0, 1); ax.set_xlabel(""); ax.tick_params(axis="x", labelsize=6); ax.legend(fontsize=6, frameon=False)
-            ax.set_ylabel("in the image's attributes" if k_ == "image" else "in the true class's attributes", fontsize=8)
-            ax.set_title(f"top-{ex.expl['idx'].shape[1]} attributes vs the {k_}", fontsize=9)
+            ax.set_ylabel({"image": "in the image's attributes", "class": "in the true class's attributes",
+                           "distinct": "in the class's distinctive attributes"}[k_], fontsize=8)
+            ax.set_title(f"top-{ex.expl['idx'].shape[1]} " + {"image": "vs the image", "class": "vs the class", "distinct": "vs what sets the class apart"}[k_], fontsize=9)
         rc = pd.DataFrame([{"images": "unseen" if uu else "seen", "class": lab, "rho": v} for key, lab in
                            (("rank_corr", "true"), ("rank_corr_true", "true\n(true col.)"), ("rank_corr_other", "other\nclasses"))
                            for uu, v in zip(ex.unseen.tolist(), ex.scores[key].tolist())])

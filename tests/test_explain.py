@@ -285,6 +285,7 @@ def test_bad_input(run, parts):
         (lambda: collect_explanations(run, radius=0), "`radius`"),
         (lambda: collect_explanations(run, top=1.5), "`top`"),
         (lambda: collect_explanations(run, threshold="x"), "`threshold`"),
+        (lambda: collect_explanations(run, margin=0), "`margin`"),
         (lambda: explain_pred_from_acts(net, x, None, inv, d.attr_names), "`A`"),                 # images, not activations
         (lambda: rank_corr(torch.rand(3, 4), torch.rand(2, 5)), "`b`"),
         (lambda: attribute_parts(d.attr_names, ["beak"], {"shape": ("tail",)}), "`groups`: names parts ['tail']"),
@@ -457,6 +458,8 @@ def test_explain_run_with_parts_and_cache(run):
     assert m0["part_hit"] is None and m0["n_part_neurons"] is None
     p = ex.parts
     assert isinstance(p, PartConsistency) and p.set_names == ["object", "background"] and p.M.shape == (run.model.K, 2)
+    first = neuron_attributes(ex.inv, 1)[:, 0].cpu()                            # every Shapes attribute names a part here
+    assert torch.equal(p.name_attrs, first) and torch.equal(p.name_sets, p.attr_sets[first])
     assert m["n_part_neurons"] == run.model.K and m["part_radius_px"] == 4.0 and m["part_top"] == 0.2
     # the table's summaries are the metrics, and 'ours' reads the named set's column of M
     ours = p.table[p.table.method == "ours"]
@@ -491,12 +494,16 @@ def test_explain_on_generated_cub_files(tmp_path, monkeypatch):
     m = ex.metrics()
     assert m["text_precision"] is None and m["naming_auroc"] is None                       # no image-level attributes
     for k in ("pointing_game", "pointing_game_center", "energy_in_mask", "text_class_precision", "text_class_precision_random",
-              "text_class_precision_frequent", "text_rank_corr", "text_rank_corr_other_classes", "part_hit", "part_hit_random",
+              "text_class_precision_frequent", "text_distinct_precision", "text_distinct_precision_frequent", "text_distinct_precision_random",
+              "text_rank_corr", "text_rank_corr_other_classes", "part_hit", "part_hit_random",
               "part_hit_random_channel", "part_hit_oracle"): assert m[k] is not None, k
     freq = class_attribute_frequency(d)
     torch.testing.assert_close(freq, d.dom["attributes_raw"] / 100)
     gc = (freq >= 0.5).float()[d.labels[ex.idx]]
     torch.testing.assert_close(torch.tensor(m["text_class_precision_random"]), gc[ex.unseen].mean(1).mean())
+    gd = (freq >= freq[d.seen[~torch.isin(d.seen, d.val_classes)]].mean(0) + 0.2).float()[d.labels[ex.idx]]
+    torch.testing.assert_close(torch.tensor(m["text_distinct_precision_random"]), gd[ex.unseen].mean(1).mean())
+    torch.testing.assert_close(torch.tensor(m["text_distinct_precision"]), text_precision(ex.expl["idx"], gd)[ex.unseen].mean())
     torch.testing.assert_close(ex.region, boxes_to_masks(d.boxes[ex.idx], 32))
     assert set(ex.parts.set_names) == {"beak", "left wing", "back"}
     figs = plot_explanations(ex, n=4, n_neurons=2)
