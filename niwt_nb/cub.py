@@ -12,12 +12,14 @@ import torch
 from .core import input_error, NIWTInputError, data_root
 from .data import ZSLData
 from .xlsa17 import (text_lines, _int, _float, _unique, read_class_list, read_img_list, read_lab_list,
-                            read_splits_mat, read_res101_mat, match_classes, check_labels, check_split_classes, class_ids, build_xlsa17_data, SPLIT_KEYS)
+                            read_splits_mat, read_res101_mat, match_classes, check_labels, check_split_classes, class_ids, build_xlsa17_data,
+                            decode_data, SPLIT_KEYS)
 
 # %% auto #0
-__all__ = ['CUB_SEMANTICS', 'PRESETS', 'PRESET_NOTES', 'read_id_names', 'read_id_ints', 'read_boxes', 'read_captions_file',
-           'read_captions', 'find_xlsa17_dir', 'xlsa17_image_order', 'cub_layout', 'make_fake_cub', 'load_cub',
-           'image_file', 'image_captions', 'cub_from_config', 'preset_config']
+__all__ = ['FAKE_PARTS', 'CUB_SEMANTICS', 'PRESETS', 'PRESET_NOTES', 'read_id_names', 'read_id_ints', 'read_boxes', 'read_parts',
+           'read_part_locs', 'read_captions_file', 'read_captions', 'find_xlsa17_dir', 'xlsa17_image_order',
+           'cub_layout', 'make_fake_cub', 'load_cub', 'image_file', 'image_captions', 'cub_from_config',
+           'preset_config']
 
 # %% ../nbs/02b_cub.ipynb #1994ed0f
 def _id_rows(path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
@@ -54,6 +56,59 @@ def read_boxes(path, what: str = "path") -> torch.Tensor:
     bad = torch.nonzero((b[:, 2] < 0) | (b[:, 3] < 0)).flatten()
     if len(bad): raise input_error(what, f"{Path(path).name} line {rows[int(bad[0])][0]}: negative box width or height", "re-download the dataset")
     return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1).float()      # (n, 4) x1 y1 x2 y2
+
+def read_parts(path, what: str = "parts.txt") -> list[str]:
+    "Part names of CUB's `parts/parts.txt` (`<id> <name>`, names may contain spaces: `'left wing'`), in id order."
+    rows = text_lines(path, what)
+    if not rows: raise input_error(what, f"{Path(path).name} is empty", "re-download the dataset")
+    out = {}
+    for n, line in rows:
+        tok = line.split(maxsplit=1)
+        if len(tok) != 2: raise input_error(what, f"{Path(path).name} line {n}: expected `<id> <part name>`, got {line[:60]!r}", "re-download the dataset")
+        i = _int(tok[0], path, n, what)
+        if i in out: raise input_error(what, f"{Path(path).name} line {n}: id {i} appears twice", "re-download the dataset")
+        out[i] = " ".join(tok[1].split())
+    if sorted(out) != list(range(1, len(out) + 1)):
+        raise input_error(what, f"{Path(path).name}: part ids must be 1..{len(out)}", "re-download the dataset")
+    names = [out[i] for i in range(1, len(out) + 1)]
+    _unique(names, path, what)
+    return names
+
+def read_part_locs(path, n_img: int, n_parts: int, what: str = "part_locs.txt") -> torch.Tensor:
+    """`(n_img, n_parts, 3)` float `(x, y, visible)` from CUB's `parts/part_locs.txt` (`<image id> <part id> <x> <y> <visible>`,
+    pixels of the original image), in image-id order. Every (image, part) pair must appear exactly once."""
+    rows = text_lines(path, what)
+    name = Path(path).name
+    if not rows: raise input_error(what, f"{name} is empty", "re-download the dataset")
+    toks = [line.split() for _, line in rows]
+    bad = next((k for k, t in enumerate(toks) if len(t) != 5), None)
+    if bad is not None: raise input_error(what, f"{name} line {rows[bad][0]}: expected 5 fields, got {len(toks[bad])} ({rows[bad][1][:60]!r})", "re-download the dataset")
+    try: v = np.array(toks, dtype=np.float64)                                   # (n_rows, 5), fast path
+    except ValueError: v = None
+    if v is None or not np.isfinite(v).all():                                  # find the culprit, with its line number
+        for (n, _), t in zip(rows, toks):
+            for s in t[:2]: _int(s, path, n, what)
+            for s in t[2:]: _float(s, path, n, what)
+        raise input_error(what, f"{name} cannot be parsed as numbers", "re-download the dataset")
+    ids = v[:, :2]; vis = v[:, 4]
+    for k, msg in ((np.nonzero(ids != np.round(ids))[0], "an image or part id is not an integer"),
+                   (np.nonzero((ids[:, 0] < 1) | (ids[:, 0] > n_img))[0], f"image id outside 1..{n_img}"),
+                   (np.nonzero((ids[:, 1] < 1) | (ids[:, 1] > n_parts))[0], f"part id outside 1..{n_parts} (parts.txt names {n_parts})"),
+                   (np.nonzero((vis != 0) & (vis != 1))[0], "the visible flag is not 0 or 1"),
+                   (np.nonzero((v[:, 2:4] < 0).any(1))[0], "negative coordinates")):
+        if len(k): raise input_error(what, f"{name} line {rows[int(k[0])][0]}: {msg} ({rows[int(k[0])][1][:60]!r})", "re-download the dataset")
+    key = (ids[:, 0].astype(np.int64) - 1) * n_parts + ids[:, 1].astype(np.int64) - 1
+    cnt = np.bincount(key, minlength=n_img * n_parts)
+    if (cnt > 1).any():
+        first = np.zeros(len(key), dtype=bool); first[np.unique(key, return_index=True)[1]] = True
+        k = int(np.nonzero(~first)[0][0])                                        # the first repeated pair
+        raise input_error(what, f"{name} line {rows[k][0]}: image {int(ids[k, 0])} part {int(ids[k, 1])} appears twice", "re-download the dataset")
+    if (cnt == 0).any():
+        m = int(np.nonzero(cnt == 0)[0][0])
+        raise input_error(what, f"{name}: {int((cnt == 0).sum())} (image, part) pairs are missing, e.g. image {m // n_parts + 1} part {m % n_parts + 1}",
+                          "re-download the dataset")
+    out = np.empty((n_img * n_parts, 3)); out[key] = v[:, 2:]
+    return torch.from_numpy(out).float().reshape(n_img, n_parts, 3)
 
 # %% ../nbs/02b_cub.ipynb #e95ffe2f
 def read_captions_file(path) -> list[str]:
@@ -115,6 +170,7 @@ def cub_layout(root=None, xlsa17_dir=None, captions_dir=None) -> dict:
     f = lambda p: p if p.exists() else None
     return {"root": root, "cub_dir": cub, "images": cub / "images", "classes": f(cub / "classes.txt"), "images_txt": cub / "images.txt",
             "image_class_labels": f(cub / "image_class_labels.txt"), "boxes": f(cub / "bounding_boxes.txt"),
+            "parts": f(cub / "parts" / "parts.txt"), "part_locs": f(cub / "parts" / "part_locs.txt"),
             "attributes": _first(cub / "attributes.txt", cub.parent / "attributes.txt"), "xlsa17_dir": x,
             "att_splits": x / "att_splits.mat", "sent_splits": f(x / "sent_splits.mat"), "res101": f(x / "res101.mat"),
             "img_list": _first(x / "img_list.txt", meta / "img_list.txt"), "lab_list": _first(x / "lab_list.txt", meta / "lab_list.txt"),
@@ -135,8 +191,10 @@ def _check_fake(n_cls, unseen, per_class, n_attr):
     if not u or len(set(u)) != len(u) or not all(isinstance(c, int) and 0 <= c < n_cls for c in u) or len(u) > n_cls - 2:
         raise input_error("unseen", f"expected distinct class ids in [0, {n_cls}) leaving at least 2 seen classes, got {unseen!r}", "pass e.g. unseen=(1, 4)")
 
+FAKE_PARTS = ("back", "beak", "left wing")   # the part names make_fake_cub writes
+
 def make_fake_cub(root, n_cls: int = 6, unseen: Sequence[int] = (1, 4), per_class: int = 6, n_attr: int = 5,
-                  captions: bool = True, img_list: bool = False, seed: int = 0) -> Path:
+                  captions: bool = True, img_list: bool = False, seed: int = 0, parts: bool = True) -> Path:
     "Write a tiny CUB + xlsa17 + text_c10 dataset under `root` (class ids in `unseen` are zero-shot); returns `root`."
     import scipy.io
     _check_fake(n_cls, unseen, per_class, n_attr)
@@ -156,6 +214,11 @@ def make_fake_cub(root, n_cls: int = 6, unseen: Sequence[int] = (1, 4), per_clas
     (cub / "classes.txt").write_text("".join(f"{c + 1} {cl}\n" for c, cl in enumerate(classes)))
     boxes = [(1.0, 2.0, float(sizes[j][0] - 4), float(sizes[j][1] - 5)) for j in order]
     (cub / "bounding_boxes.txt").write_text("".join(f"{i + 1} {b[0]} {b[1]} {b[2]} {b[3]}\n" for i, b in enumerate(boxes)))
+    if parts:                                    # back at the centre, beak near the top left, left wing visible on every other image
+        (cub / "parts").mkdir(exist_ok=True)
+        (cub / "parts" / "parts.txt").write_text("".join(f"{p + 1} {n}\n" for p, n in enumerate(FAKE_PARTS)))
+        locs = lambda j: ((sizes[j][0] / 2, sizes[j][1] / 2, 1), (1.0 + j % 5, 2.0, 1), (sizes[j][0] - 3.0, sizes[j][1] - 3.0, 1) if j % 2 else (0.0, 0.0, 0))
+        (cub / "parts" / "part_locs.txt").write_text("".join(f"{i + 1} {p + 1} {x} {y} {v}\n" for i, j in enumerate(order) for p, (x, y, v) in enumerate(locs(j))))
     attr_names = [f"has_part_{a // 2}::value_{a}" for a in range(n_attr)]
     (root / "attributes.txt").write_text("".join(f"{a + 1} {n}\n" for a, n in enumerate(attr_names)))  # one level up, as in the archive
     pct = g.uniform(0, 100, (n_cls, n_attr))
@@ -262,12 +325,19 @@ def load_cub(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attrib
         raise input_error("attributes.txt", f"names {len(attr_names)} attributes but att_splits.mat has {dom['attributes'].shape[1]}",
                           "use CUB's attributes.txt (312 names)")
     # -- boxes (CUB id order -> xlsa17 order, by file name)
-    boxes = None
+    boxes, row = None, {f: i for i, f in enumerate(cub_files)}
     if L["boxes"] is not None:
         b = read_boxes(L["boxes"], "bounding_boxes.txt")
         if len(b) != len(cub_files): raise input_error("bounding_boxes.txt", f"has {len(b)} boxes for {len(cub_files)} images", "re-download the dataset")
-        row = {f: i for i, f in enumerate(cub_files)}
         boxes = b[torch.tensor([row[f] for f in files])]
+    # -- part locations (CUB id order -> xlsa17 order, by file name)
+    parts = part_names = None
+    if (L["parts"] is None) != (L["part_locs"] is None):
+        have, lack = ("parts.txt", "part_locs.txt") if L["parts"] is not None else ("part_locs.txt", "parts.txt")
+        raise input_error("root", f"{L['cub_dir']}/parts has {have} but no {lack}", "re-download CUB_200_2011 (or remove the parts folder)")
+    if L["parts"] is not None:
+        part_names = read_parts(L["parts"], "parts.txt")
+        parts = read_part_locs(L["part_locs"], len(cub_files), len(part_names), "part_locs.txt")[torch.tensor([row[f] for f in files])]
     # -- captions
     captions, img_caps = None, None
     if L["captions_dir"] is not None:
@@ -287,11 +357,15 @@ def load_cub(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attrib
     if L["w2v"] is not None:
         w = np.load(L["w2v"], allow_pickle=False)
         if w.ndim == 2 and len(w) == dom["attributes"].shape[1] and np.isfinite(w).all(): meta["attr_w2v"] = torch.from_numpy(w).float()
-    return build_xlsa17_data("cub", classes, files, labels, spl["splits"], dom, L["images"],
-                             val_classes=_listed_val(L["xlsa17_dir"], val_classes, classes), val_frac=val_frac, seed=seed,
-                             present_only=present_only, check_images=check_images, img_size=img_size, attr_names=attr_names,
-                             boxes=boxes, captions=captions, captions_required="captions" in sem, meta=meta,
-                             how_to_get=_HOW_TO_GET_CUB, verbose=verbose, workers=workers)
+    d = build_xlsa17_data("cub", classes, files, labels, spl["splits"], dom, L["images"],
+                          val_classes=_listed_val(L["xlsa17_dir"], val_classes, classes), val_frac=val_frac, seed=seed,
+                          present_only=present_only, check_images=check_images, attr_names=attr_names,
+                          boxes=boxes, captions=captions, captions_required="captions" in sem, meta=meta,
+                          how_to_get=_HOW_TO_GET_CUB, verbose=verbose, workers=workers)
+    if parts is not None:                                                        # rows of the kept images (after present_only)
+        d.parts, d.part_names = parts[torch.as_tensor(d.meta["image_ids_original"], dtype=torch.long)], part_names
+        d = d.validate()
+    return decode_data(d, img_size, "crop", workers) if img_size is not None else d
 
 def image_file(data: ZSLData, i: int) -> str:
     "The image key `'class/file.jpg'` of image `i` of a dataset loaded by `load_cub`/`load_awa2` (also after `subset_classes`)."

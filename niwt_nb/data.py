@@ -57,6 +57,8 @@ class ZSLData:
     img_attrs: torch.Tensor | None = None   # (n_img, n_attr) float in [0, 1]
     masks: torch.Tensor | None = None       # (n_img, H, W) bool
     boxes: torch.Tensor | None = None       # (n_img, 4) float xyxy
+    parts: torch.Tensor | None = None       # (n_img, P, 3) float x, y, visible (1/0), pixels of image(i)
+    part_names: list | None = None          # P part names
     captions: dict | None = None            # class id -> list[str]
     meta: dict = field(default_factory=dict)
 
@@ -171,6 +173,20 @@ def _validate_extras(d: ZSLData, labels):
         d.boxes = check_tensor(d.boxes, "boxes", shape=(n_img, 4), dtype="float").float()
         if (d.boxes[:, 2] < d.boxes[:, 0]).any() or (d.boxes[:, 3] < d.boxes[:, 1]).any():
             raise input_error("boxes", "some boxes have x2 < x1 or y2 < y1", "use xyxy pixel coordinates")
+    if (d.parts is None) != (d.part_names is None):
+        raise input_error("part_names" if d.parts is not None else "parts", "parts and part_names go together", "pass both or neither")
+    if d.parts is not None:
+        d.parts = check_tensor(d.parts, "parts", shape=(n_img, None, 3), dtype="float").float()
+        P = d.parts.shape[1]
+        if not isinstance(d.part_names, (list, tuple)) or len(d.part_names) != P or not all(isinstance(s, str) and s for s in d.part_names):
+            raise input_error("part_names", f"expected {P} non-empty part-name strings (one per column of parts), got {d.part_names!r:.80}", "pass e.g. ['beak', 'tail']")
+        vis = d.parts[..., 2]
+        if not bool(((vis == 0) | (vis == 1)).all()): raise input_error("parts", "the visible flags (last column) are not all 0 or 1", "use 1 = visible, 0 = hidden")
+        if isinstance(d.images, torch.Tensor):
+            H, W = d.images.shape[2:]; on = vis > 0; xy = d.parts[..., :2][on]
+            out = (xy[:, 0] < 0) | (xy[:, 0] > W) | (xy[:, 1] < 0) | (xy[:, 1] > H)
+            if out.any(): raise input_error("parts", f"{int(out.sum())} visible part locations lie outside the {H} x {W} images (e.g. {xy[out][0].tolist()})",
+                                            "move them with the images (xlsa17.transform_points, as decode_data does) or mark them hidden")
     if d.captions is not None:
         if not isinstance(d.captions, dict): raise input_error("captions", f"expected a dict class id -> list of str, got {type(d.captions).__name__}", "key captions by class id")
         bad = [k for k in d.captions if not isinstance(k, int) or not 0 <= k < n_cls]
@@ -384,6 +400,7 @@ def subset_classes(self: ZSLData, class_ids) -> ZSLData:
         val_classes=cls(self.val_classes), dom={k: torch.as_tensor(v)[keep] for k, v in self.dom.items()},
         images=self.images[img_keep] if self.in_memory else [self.images[i] for i in img_keep.tolist()],
         attr_names=self.attr_names, img_attrs=sel(self.img_attrs), masks=sel(self.masks), boxes=sel(self.boxes),
+        parts=sel(self.parts), part_names=None if self.part_names is None else list(self.part_names),
         captions=None if self.captions is None else {int(cmap[k]): list(v) for k, v in self.captions.items() if cmap[k] >= 0},
         meta=meta).validate()
 
@@ -417,12 +434,16 @@ def _hash_obj(h, v):
         for o in v: _hash_obj(h, o)
     else: h.update(repr(v).encode())
 
+_HASH_IF_SET = ("parts", "part_names")    # fields added after the first release: hashed only when not None
+
 @patch
 def fingerprint(self: ZSLData, n: int = 12) -> str:
     "Stable hex content hash of every field but `meta` (labels, splits, dom, images or paths, ground truth)."
     h = hashlib.sha256()
     for f in fields(self):
-        if f.name != "meta": h.update(f.name.encode()); _hash_obj(h, getattr(self, f.name))
+        v = getattr(self, f.name)
+        if f.name == "meta" or (f.name in _HASH_IF_SET and v is None): continue
+        h.update(f.name.encode()); _hash_obj(h, v)
     return h.hexdigest()[:n]
 
 # %% ../nbs/01_data.ipynb #1fc709aa

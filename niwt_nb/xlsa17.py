@@ -431,14 +431,14 @@ def decode_images(paths: Sequence, size: int, root=None, workers: int | None = N
     return out, wh
 
 def decode_data(d: ZSLData, size: int, mode: str = "crop", workers: int | None = None) -> ZSLData:
-    "`d` with its image files decoded once into memory (`uint8 (n, 3, size, size)`, see `decode_images`), boxes moved to match."
+    "`d` with its image files decoded once into memory (`uint8 (n, 3, size, size)`, see `decode_images`), boxes and part locations moved to match."
     if not isinstance(d, ZSLData): raise input_error("d", f"expected a ZSLData, got {type(d).__name__}", "pass a dataset")
     if isinstance(d.images, torch.Tensor): raise input_error("d", "its images are already in memory", "decode a dataset whose images are file paths")
     images, wh = decode_images(d.images, size, d.meta.get("image_root"), workers, mode)
     boxes = transform_boxes(d.boxes, wh, size, mode) if d.boxes is not None else None
+    parts = transform_points(d.parts, wh, size, mode) if d.parts is not None else None   # hidden when cropped away
     meta = {**d.meta, "img_size": size, "decode": mode, "image_wh": wh}
-    if meta.get("part_locs") is not None: meta["part_locs"] = transform_points(meta["part_locs"], wh, size, mode)
-    return dataclasses.replace(d, images=images, boxes=boxes, meta=meta).validate()
+    return dataclasses.replace(d, images=images, boxes=boxes, parts=parts, meta=meta).validate()
 
 # %% ../nbs/02a_xlsa17.ipynb #df7e488d
 def build_xlsa17_data(name: str, classes: list, files: list, labels: torch.Tensor, splits: dict, dom: dict, image_root,

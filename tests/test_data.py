@@ -54,6 +54,15 @@ BAD = {
     "caption key out of range": (_set(captions=lambda d: {**d.captions, 9: ["x"]}), r"`captions`: keys \[9\] are not class ids"),
     "caption class missing": (_set(captions=lambda d: {k: v for k, v in d.captions.items() if k != 2}), r"`captions`: classes \[2\] have no captions"),
     "empty caption list": (_set(captions=lambda d: {**d.captions, 1: []}), r"`captions`: entry for class 1 is not a non-empty list"),
+    "parts without names": (_set(parts=lambda d: torch.zeros(d.n_img, 2, 3)), r"`part_names`: parts and part_names go together"),
+    "part names without parts": (_set(part_names=["beak"]), r"`parts`: parts and part_names go together"),
+    "part names count": (_set(parts=lambda d: torch.zeros(d.n_img, 2, 3), part_names=["beak"]), r"`part_names`: expected 2 non-empty part-name strings"),
+    "parts rows": (_set(parts=lambda d: torch.zeros(d.n_img - 1, 1, 3), part_names=["beak"]), r"`parts`: dimension 0 should be 36"),
+    "parts not (x, y, visible)": (_set(parts=lambda d: torch.zeros(d.n_img, 1, 2), part_names=["beak"]), r"`parts`: dimension 2 should be 3"),
+    "parts visible flag": (_set(parts=lambda d: torch.full((d.n_img, 1, 3), 0.5), part_names=["beak"]), r"`parts`: the visible flags .* not all 0 or 1"),
+    "parts not finite": (_set(parts=lambda d: torch.full((d.n_img, 1, 3), float("nan")), part_names=["beak"]), r"`parts`: contains .*NaN/inf"),
+    "visible part outside the image": (_set(parts=lambda d: torch.tensor([[[3., 8.5, 1]]]).repeat(d.n_img, 1, 1), part_names=["beak"]),
+                                       r"`parts`: 36 visible part locations lie outside the 8 x 8 images"),
 }
 
 
@@ -191,3 +200,55 @@ def test_shapes_cache_written_under_niwt_cache(tmp_path):
     files = sorted(p.name for p in (Path(os.environ["NIWT_CACHE"]) / "shapes").iterdir())
     assert files == [f"{cfg.hash()}.json", f"{cfg.hash()}.pt"]
     assert make_shapes(cfg).fingerprint() == d1.fingerprint()
+
+
+# ---- part locations -------------------------------------------------------------------------------------------
+
+def _with_parts(d, seed=0):
+    "`d` with two part locations per image: a visible one inside the image and one hidden part."
+    g = torch.Generator().manual_seed(seed)
+    H, W = d.images.shape[2:]
+    vis = torch.cat([torch.rand(d.n_img, 1, 2, generator=g) * torch.tensor([W, H]), torch.ones(d.n_img, 1, 1)], 2)
+    hidden = torch.cat([torch.full((d.n_img, 1, 2), -5.), torch.zeros(d.n_img, 1, 1)], 2)   # a hidden part may sit anywhere
+    d.parts, d.part_names = torch.cat([vis, hidden], 1), ["beak", "left wing"]
+    return d.validate()
+
+
+def test_parts_follow_subsets_saves_and_fingerprints(tmp_path):
+    d = _with_parts(make_toy_data())
+    assert d.parts.shape == (36, 2, 3) and d.parts.dtype == torch.float32
+    sub = d.subset_classes([1, 4, 5])
+    old = torch.as_tensor(sub.meta["image_ids_original"])
+    assert torch.equal(sub.parts, d.parts[old]) and sub.part_names == d.part_names
+    assert torch.equal(sub.subset_classes([0, 2]).parts, d.parts[torch.as_tensor(sub.subset_classes([0, 2]).meta["image_ids_original"])])
+    back = ZSLData.load(d.save(tmp_path / "d.pt"))
+    assert torch.equal(back.parts, d.parts) and back.part_names == d.part_names and back.fingerprint() == d.fingerprint()
+    plain = make_toy_data()
+    assert d.fingerprint() != plain.fingerprint()
+    e = _with_parts(make_toy_data()); e.parts[3, 0, 1] += 0.25
+    assert e.fingerprint() != d.fingerprint()
+    f = _with_parts(make_toy_data()); f.part_names = ["beak", "tail"]
+    assert f.fingerprint() != d.fingerprint()
+
+
+def test_parts_int_tensor_is_normalised():
+    d = make_toy_data(); d.parts = torch.ones(d.n_img, 1, 3, dtype=torch.long); d.part_names = ["tail"]
+    assert d.validate().parts.dtype == torch.float32
+
+
+def test_fingerprint_without_parts_unchanged():
+    "Datasets without part locations hash exactly as before the field existed (cached artifacts stay valid)."
+    import hashlib, dataclasses
+    from niwt_nb.data import _hash_obj
+    d = make_toy_data()
+    h = hashlib.sha256()
+    for f in dataclasses.fields(d):
+        if f.name not in ("meta", "parts", "part_names"): h.update(f.name.encode()); _hash_obj(h, getattr(d, f.name))
+    assert d.fingerprint() == h.hexdigest()[:12]
+
+
+def test_file_backed_parts_are_not_bounds_checked(tmp_path):
+    "Part locations of image files are in the files' own pixels (unknown until decoded): only in-memory images are bounds-checked."
+    d = _file_data(tmp_path)
+    d.parts, d.part_names = torch.tensor([[[300., 200., 1.]]]).repeat(d.n_img, 1, 1), ["beak"]
+    assert d.validate().parts.shape == (36, 1, 3)

@@ -11,7 +11,9 @@ from niwt_nb.models import ModelConfig, TrainConfig, build_model
 from niwt_nb.explain import (gradcam, gradcam_from_acts, overlay, plot_gradcam, boxes_to_masks, pointing_game, energy_in_mask,
                              auroc, fit_alpha2dom, Alpha2Dom, explain_pred, text_precision, caption_words, neuron_attributes,
                              name_neurons, pooled_acts, naming_table, plot_naming, plot_neuron, collect_explanations,
-                             explain_run, plot_explanations, RunExplanations)
+                             explain_run, plot_explanations, RunExplanations, centered_blob, explain_pred_from_acts,
+                             class_attribute_frequency, rank_corr, CUB_PART_GROUPS, attribute_parts, peak_locations, part_hits,
+                             part_consistency, part_table, plot_part_naming, plot_neuron_parts, PartConsistency)
 
 pytestmark = pytest.mark.xdist_group("explain")   # one worker builds the tiny run once
 
@@ -280,7 +282,231 @@ def test_bad_input(run, parts):
         (lambda: collect_explanations(object()), "`run`"),
         (lambda: collect_explanations(run, n_images=0), "`n_images`"),
         (lambda: plot_explanations(run), "`ex`"),
+        (lambda: collect_explanations(run, radius=0), "`radius`"),
+        (lambda: collect_explanations(run, top=1.5), "`top`"),
+        (lambda: collect_explanations(run, threshold="x"), "`threshold`"),
+        (lambda: collect_explanations(run, margin=0), "`margin`"),
+        (lambda: explain_pred_from_acts(net, x, None, inv, d.attr_names), "`A`"),                 # images, not activations
+        (lambda: rank_corr(torch.rand(3, 4), torch.rand(2, 5)), "`b`"),
+        (lambda: attribute_parts(d.attr_names, ["beak"], {"shape": ("tail",)}), "`groups`: names parts ['tail']"),
+        (lambda: attribute_parts("has_x::y", ["beak"]), "`attr_names`"),
+        (lambda: peak_locations(torch.rand(2, 3, 4), 8), "`A`"),
+        (lambda: part_hits(torch.rand(2, 3, 2), torch.rand(2, 4, 3), [(0,)], radius=-1), "`radius`"),
+        (lambda: part_hits(torch.rand(2, 3, 2), torch.rand(2, 4, 3), [()], radius=1), "`sets`"),
+        (lambda: part_consistency(torch.rand(2, 3), torch.ones(2, 3, 1, dtype=torch.bool), torch.ones(3, 1, dtype=torch.bool)), "`visible`"),
+        (lambda: part_table(torch.rand(3, 2), torch.tensor([0, 5, -1]), torch.tensor([0, 1])), "`name_sets`"),
+        (lambda: part_table(torch.rand(3, 2), torch.tensor([0, 1, -1]), torch.tensor([0, 1]), M_fit=torch.rand(3, 3)), "`M_fit`"),
+        (lambda: plot_part_naming({"score": [1]}), "`table`"),
+        (lambda: plot_neuron_parts(collect_explanations(run, n_images=2, n_naming=8)), "has no part scores"),
+        (lambda: class_attribute_frequency(object()), "`d`"),
     ]
     for fn, msg in cases:
         with pytest.raises(NIWTInputError, match=None) as e: fn()
         assert msg in str(e.value), (msg, str(e.value))
+
+
+# -- centred blob, CUB boxes -------------------------------------------------------------------------------------------
+def test_centered_blob_is_centred_and_normalised_per_axis():
+    b = centered_blob(3, (20, 40), sigma=0.25)
+    assert b.shape == (3, 20, 40) and torch.equal(b[0], b[2])
+    peak = torch.nonzero(b[0] == b[0].max())
+    assert peak.tolist() == [[9, 19], [9, 20], [10, 19], [10, 20]]              # the 2 x 2 centre pixels
+    torch.testing.assert_close(b[0].flip(0), b[0]); torch.testing.assert_close(b[0].flip(1), b[0])
+    # sigma scales with each side: one sigma away from the centre along either axis gives exp(-1/2)
+    torch.testing.assert_close(b[0, 10, 20 + 10] / b[0, 10, 20], b[0, 10 + 5, 20] / b[0, 10, 20], atol=0.03, rtol=0)
+
+
+@pytest.mark.shared
+def test_centered_blob_on_real_cub_boxes(shared_data):
+    "Decoded CUB photos (shorter side + centre crop): the box is in the decoded pixels, and most birds cover the centre."
+    from niwt_nb.cub import load_cub
+    d = load_cub(shared_data / "cub", present_only=True, verbose=False, img_size=32)
+    m = boxes_to_masks(d.boxes, 32)                                             # no orig_size: the boxes moved with the crop
+    assert m.shape == (1402, 32, 32) and (m.flatten(1).any(1)).float().mean() > 0.99
+    pg = pointing_game(centered_blob(d.n_img, 32), d.boxes)
+    assert 0.85 < float(pg.mean()) < 1                                          # the centre is on the bird in most photos
+    area = m.float().mean((1, 2))
+    assert float(area.mean()) < float(pg.mean())                                # ... more than chance (the box's area)
+
+
+# -- text vs class attributes ----------------------------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 12), st.integers(0, 2**31 - 1))
+def test_rank_corr_vs_scipy(d_, seed):
+    from scipy.stats import spearmanr
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 3, (4, d_), generator=g).float(); b = torch.randn(3, d_, generator=g).round()
+    R = rank_corr(a, b)
+    for i in range(4):
+        for j in range(3):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                                # scipy: NaN (and a warning) for a constant row
+                ref = spearmanr(a[i].numpy(), b[j].numpy()).statistic
+            assert abs(float(R[i, j]) - (0.0 if np.isnan(ref) else ref)) < 1e-5
+
+
+def test_class_attribute_frequency_reads_percentages(run):
+    import dataclasses
+    d = run.d
+    assert torch.equal(class_attribute_frequency(d), d.dom["attributes"])       # Shapes: probabilities
+    e = dataclasses.replace(d, dom={**d.dom, "attributes_raw": d.dom["attributes"] * 100})
+    torch.testing.assert_close(class_attribute_frequency(e), d.dom["attributes"])
+
+
+def test_explain_pred_from_acts_equals_images(run, parts):
+    W, b, iu, x, t = parts
+    inv = fit_alpha2dom(run.A["alphas"], run.A["labels"], run.d.dom["attributes"], run.d.seen, k=3)
+    e1 = explain_pred(run.model, x, t, inv, run.d.attr_names, k=4, W=W, b=b)
+    with eval_mode(run.model), torch.no_grad(): A = run.model.acts(x)
+    e2 = explain_pred_from_acts(run.model, A, t, inv, run.d.attr_names, k=4, W=W, b=b)
+    assert torch.equal(e1["idx"], e2["idx"]) and e1["names"] == e2["names"] and e1["z"].shape == (len(x), 22)
+    torch.testing.assert_close(e1["z"].topk(4, 1).values, e1["scores"])
+
+
+# -- neuron names vs part locations ----------------------------------------------------------------------------------------
+def _cub_names(shared):
+    attrs = [l.split()[1] for l in (shared / "cub" / "CUB_200_2011" / "attributes.txt").read_text().splitlines() if l.strip()]
+    parts = [l.split(maxsplit=1)[1] for l in (shared / "cub" / "CUB_200_2011" / "parts" / "parts.txt").read_text().splitlines() if l.strip()]
+    return attrs, parts
+
+
+@pytest.mark.shared
+def test_cub_part_groups_cover_cub(shared_data):
+    attrs, parts = _cub_names(shared_data)
+    groups = sorted({a.split("::")[0] for a in attrs})
+    assert len(attrs) == 312 and len(parts) == 15 and len(groups) == 28 and sorted(CUB_PART_GROUPS) == groups
+    assert {p for v in CUB_PART_GROUPS.values() for p in v} == set(parts)       # every part is named by some group
+    attr_sets, sets = attribute_parts(attrs, parts)
+    assert len(sets) == 15 and int((attr_sets >= 0).sum()) == 312 - 5 - 14 - 15  # size, shape, primary color: the whole bird
+    beak = sets.index((parts.index("beak"),))
+    assert all(int(attr_sets[i]) == beak for i, a in enumerate(attrs) if a.startswith(("has_bill_",)))
+    wings = sets.index(tuple(sorted((parts.index("left wing"), parts.index("right wing")))))
+    assert int(attr_sets[attrs.index("has_wing_color::blue")]) == wings
+
+
+def test_peak_locations_on_non_square_maps():
+    A = torch.zeros(1, 2, 3, 4); A[0, 0, 2, 1] = 5; A[0, 1, 0, 3] = 1; A[0, 1, 1, 0] = 1   # channel 1: a tie, first cell wins
+    val, xy = peak_locations(A, (30, 80))                                        # cells 10 high, 20 wide
+    assert val.tolist() == [[5., 1.]] and xy[0].tolist() == [[30., 25.], [70., 5.]]
+
+
+def _synthetic_parts(n=60, K=6, P=3, seed=0):
+    "Images 64 x 64 with P parts at random places; channel k fires at part k % P (channels >= P with noise), on 8 x 8 maps."
+    g = torch.Generator().manual_seed(seed)
+    parts = torch.cat([torch.rand(n, P, 2, generator=g) * 64, (torch.rand(n, P, 1, generator=g) < 0.8).float()], 2)
+    A = torch.rand(n, K, 8, 8, generator=g) * 0.1
+    for k in range(K):
+        q = parts[:, k % P, :2].div(8).long().clamp(0, 7)
+        A[torch.arange(n), k, q[:, 1], q[:, 0]] += 1 + torch.rand(n, generator=g)
+    return A, parts
+
+
+def test_part_consistency_known_answer():
+    A, parts = _synthetic_parts()
+    val, xy = peak_locations(A, 64)
+    sets = [(0,), (1,), (2,)]
+    hits, vis = part_hits(xy, parts, sets, radius=8 * 2 ** .5 / 2 + 1e-4)    # the peak cell's centre is within half a diagonal
+    M = part_consistency(val, hits, vis, top=0.5)
+    assert torch.equal(M.diagonal(), torch.ones(3)) and torch.equal(M[3:].diagonal(), torch.ones(3))
+    t = part_table(M, torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, 1, 2]), M_fit=M, set_names=["a", "b", "c"])
+    by = t.groupby("method").score.mean()
+    assert by["ours"] == 1 and by["oracle"] == 1 and by["random"] < 0.7 and by["random_channel"] < 0.7
+    wrong = part_table(M, torch.tensor([1, 2, 0, 1, 2, 0]), torch.tensor([0, 1, 1, 2]))   # names shifted by one part
+    assert wrong[wrong.method == "ours"].score.mean() < by["random"]
+    assert list(t.columns) == ["neuron", "method", "set", "parts", "score"] and set(t.method) == {"ours", "random", "random_channel", "oracle"}
+    # a set never visible: NaN, skipped by the summaries
+    P0 = parts.clone(); P0[:, 2, 2] = 0
+    M0 = part_consistency(val, *part_hits(xy, P0, sets, 6.), top=0.5)
+    assert M0[:, 2].isnan().all() and not M0[:, :2].isnan().any()
+
+
+def test_part_consistency_top_picks_the_strongest_images():
+    val = torch.tensor([[1.], [5.], [3.], [4.]])
+    hits = torch.tensor([[[True]], [[False]], [[True]], [[True]]]); vis = torch.tensor([[True], [True], [True], [False]])
+    assert part_consistency(val, hits, vis, top=0.3).tolist() == [[0.]]         # ceil(0.9) = 1 of the 3 visible images: image 1, a miss
+    assert part_consistency(val, hits, vis, top=0.34).tolist() == [[.5]]        # ceil(1.02) = 2: images 1 (miss) and 2 (hit); 3 is hidden
+    assert abs(float(part_consistency(val, hits, vis, top=1.0)) - 2 / 3) < 1e-6
+
+
+def _with_parts(run):
+    "The tiny Shapes run with two parts per image (object centre, farthest corner) and a float32 activation cache."
+    import copy, dataclasses
+    from niwt_nb.models import cache_activations
+    d = run.d
+    m = d.masks.float(); yy, xx = torch.meshgrid(torch.arange(32.) + .5, torch.arange(32.) + .5, indexing="ij")
+    ctr = torch.stack([(m * xx).sum((1, 2)), (m * yy).sum((1, 2))], 1) / m.sum((1, 2))[:, None].clamp_min(1)
+    corners = torch.tensor([[0., 0], [31, 0], [0, 31], [31, 31]])
+    far = corners[torch.cdist(ctr, corners).argmax(1)]
+    r = copy.copy(run)
+    r.d = dataclasses.replace(d, parts=torch.stack([torch.cat([ctr, torch.ones(d.n_img, 1)], 1), torch.cat([far, torch.ones(d.n_img, 1)], 1)], 1),
+                              part_names=["object", "background"]).validate()
+    r.acts = cache_activations(run.model, r.d, torch.arange(d.n_img), dtype="float32")
+    return r
+
+SHAPES_PARTS = {"shape": ("object",), "colour": ("object",), "pattern": ("object",), "size": ("object",), "background": ("background",)}
+
+
+def test_explain_run_with_parts_and_cache(run):
+    import matplotlib.pyplot as plt
+    rp = _with_parts(run)
+    plain = collect_explanations(run, n_images=20, n_naming=120, seed=3)
+    ex = collect_explanations(rp, n_images=20, n_naming=120, seed=3, part_groups=SHAPES_PARTS)
+    assert ex.acts is rp.acts and plain.acts is None
+    torch.testing.assert_close(ex.cams, plain.cams, atol=1e-4, rtol=1e-4)      # read from the cache: the same maps
+    m, m0 = ex.metrics(), plain.metrics()
+    for k in ("pointing_game", "text_precision", "text_class_precision", "text_rank_corr", "naming_auroc"): assert abs(m[k] - m0[k]) < 1e-5, k
+    assert m0["part_hit"] is None and m0["n_part_neurons"] is None
+    p = ex.parts
+    assert isinstance(p, PartConsistency) and p.set_names == ["object", "background"] and p.M.shape == (run.model.K, 2)
+    first = neuron_attributes(ex.inv, 1)[:, 0].cpu()                            # every Shapes attribute names a part here
+    assert torch.equal(p.name_attrs, first) and torch.equal(p.name_sets, p.attr_sets[first])
+    assert m["n_part_neurons"] == run.model.K and m["part_radius_px"] == 4.0 and m["part_top"] == 0.2
+    # the table's summaries are the metrics, and 'ours' reads the named set's column of M
+    ours = p.table[p.table.method == "ours"]
+    torch.testing.assert_close(torch.tensor(ours.score.values, dtype=torch.float), p.M[torch.tensor(ours.neuron.values), torch.tensor(ours.set.values)])
+    assert abs(m["part_hit"] - float(ours.score.mean())) < 1e-6
+    # the peaks are those of the cached maps, in image pixels (4 x 4 maps of 32 px images: cell centres at 4, 12, 20, 28)
+    assert set(p.peak_xy.unique().tolist()) <= {4., 12., 20., 28.}
+    figs = plot_explanations(ex, n=3, n_neurons=2)
+    assert set(figs) == {"gradcam", "text", "naming", "neurons", "parts", "neuron_parts"} and len(figs["neuron_parts"].axes) == 10
+    plt.close("all")
+    json.dumps(m)
+
+
+def test_explain_on_generated_cub_files(tmp_path, monkeypatch):
+    "The CUB code path end to end on a generated CUB folder: boxes, part files, class-level percentages, no image attributes."
+    import matplotlib.pyplot as plt
+    from niwt_nb.cub import make_fake_cub, load_cub
+    from niwt_nb.pipeline import RunConfig, run_niwt, DATASETS
+    from niwt_nb.importance import ImportanceConfig
+    from niwt_nb.dom2alpha import Dom2AlphaConfig
+    from niwt_nb.alpha2w import Alpha2WConfig
+    root = make_fake_cub(tmp_path / "cub", n_cls=6, per_class=8, n_attr=6)
+    monkeypatch.setitem(DATASETS, "fakecub_explain", lambda cfg: load_cub(root, img_size=32, semantic=cfg.semantic, verbose=False))
+    cfg = RunConfig(dataset="fakecub_explain", model=ModelConfig(backbone="smallcnn", width=8), train=TrainConfig(epochs=2, bs=64, patience=None),
+                    importance=ImportanceConfig(bs=128), dom2alpha=Dom2AlphaConfig(max_epochs=30), alpha2w=Alpha2WConfig(max_steps=40),
+                    n_feed=16, baselines=())
+    run_ = run_niwt(cfg, out=None, store=ArtifactStore(tmp_path / "store"), log=lambda *a: None)["_runs"][0]
+    d = run_.d
+    assert d.part_names == ["back", "beak", "left wing"] and d.img_attrs is None and d.masks is None and d.boxes is not None
+    groups = {"has_part_0": ("beak",), "has_part_1": ("left wing",), "has_part_2": ("back",)}   # the fake's attribute groups
+    ex = collect_explanations(run_, n_images=8, n_naming=40, k=3, part_groups=groups)
+    m = ex.metrics()
+    assert m["text_precision"] is None and m["naming_auroc"] is None                       # no image-level attributes
+    for k in ("pointing_game", "pointing_game_center", "energy_in_mask", "text_class_precision", "text_class_precision_random",
+              "text_class_precision_frequent", "text_distinct_precision", "text_distinct_precision_frequent", "text_distinct_precision_random",
+              "text_rank_corr", "text_rank_corr_other_classes", "part_hit", "part_hit_random",
+              "part_hit_random_channel", "part_hit_oracle"): assert m[k] is not None, k
+    freq = class_attribute_frequency(d)
+    torch.testing.assert_close(freq, d.dom["attributes_raw"] / 100)
+    gc = (freq >= 0.5).float()[d.labels[ex.idx]]
+    torch.testing.assert_close(torch.tensor(m["text_class_precision_random"]), gc[ex.unseen].mean(1).mean())
+    gd = (freq >= freq[d.seen[~torch.isin(d.seen, d.val_classes)]].mean(0) + 0.2).float()[d.labels[ex.idx]]
+    torch.testing.assert_close(torch.tensor(m["text_distinct_precision_random"]), gd[ex.unseen].mean(1).mean())
+    torch.testing.assert_close(torch.tensor(m["text_distinct_precision"]), text_precision(ex.expl["idx"], gd)[ex.unseen].mean())
+    torch.testing.assert_close(ex.region, boxes_to_masks(d.boxes[ex.idx], 32))
+    assert set(ex.parts.set_names) == {"beak", "left wing", "back"}
+    figs = plot_explanations(ex, n=4, n_neurons=2)
+    assert set(figs) == {"gradcam", "text", "parts", "neurons", "neuron_parts"}
+    assert "→" in figs["gradcam"].axes[0].get_title()
+    plt.close("all")

@@ -14,7 +14,7 @@ from niwt_nb import xlsa17 as X
 from niwt_nb.xlsa17 import (read_splits_mat, read_res101_mat, read_class_list, read_img_list, read_lab_list, verify_file, fetch,
                             SPLIT_KEYS, build_xlsa17_data)
 from niwt_nb.cub import (load_cub, make_fake_cub, image_file, image_captions, read_id_names, read_id_ints, read_boxes,
-                         read_captions_file, read_captions, PRESETS, preset_config)
+                         read_captions_file, read_captions, PRESETS, preset_config, read_parts, read_part_locs, FAKE_PARTS)
 from niwt_nb.awa2 import load_awa2, make_fake_awa2, read_binary_matrix
 from niwt_nb.features import (FeatureData, FeatureNet, FeatureModelConfig, build_feature_model, load_xlsa17_features,
                               make_fake_xlsa17_features)
@@ -459,3 +459,101 @@ def test_fuzz_cub_folder(fname, data):
             assert all(image_file(d, k).split("/")[0] == d.classes[d.labels[k]] for k in range(d.n_img))
             assert all((_FAKE_CUB / "CUB_200_2011" / "images" / f).is_file() for f in d.images)
     finally: p.write_bytes(orig)
+
+
+# ---------------------------------------------------------------- part locations (parts/parts.txt, parts/part_locs.txt)
+CUB_PARTS = ["back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape", "right eye",
+             "right leg", "right wing", "tail", "throat"]
+
+
+@pytest.mark.shared
+def test_cub_parts_real_files(shared_data, cub_full):
+    "All 176,820 part locations of CUB, in xlsa17 order by file name; image 1's known parts."
+    d, cub = cub_full, shared_data / "cub" / "CUB_200_2011"
+    assert d.part_names == CUB_PARTS and d.parts.shape == (11788, 15, 3)
+    rows = _lines(cub / "parts" / "part_locs.txt")
+    assert len(rows) == 176820 and int(d.parts[..., 2].sum()) == sum(r.split()[4] == "1" for r in rows) == 141407
+    i = d.images.index("001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg")   # CUB image id 1
+    P = {n: d.parts[i, k].tolist() for k, n in enumerate(CUB_PARTS)}
+    assert P["beak"] == [312., 182., 1.] and P["crown"] == [186., 45., 1.] and P["throat"] == [215., 194., 1.]
+    assert P["back"][2] == 0 and P["left wing"][2] == 0 and int(d.parts[i, :, 2].sum()) == 6
+    images_txt = [l.split()[1] for l in _lines(cub / "images.txt")]                       # any image: row (id-1)*15 + part-1 of the file
+    for f in (d.images[0], d.images[5000], d.images[-1]):
+        cid = images_txt.index(f) + 1
+        want = [[float(v) for v in r.split()[2:]] for r in rows[(cid - 1) * 15: cid * 15]]
+        assert d.parts[d.images.index(f)].tolist() == want
+
+
+@pytest.mark.shared
+def test_cub25_parts_move_with_the_decode_crop(shared_data):
+    "Decoded at 64 px (shorter side to 73, centre crop): parts move like the boxes; nearly all visible parts survive the crop."
+    from niwt_nb.xlsa17 import transform_points, crop_geometry
+    f = load_cub(shared_data / "cub", present_only=True, verbose=False)
+    d = load_cub(shared_data / "cub", present_only=True, verbose=False, img_size=64)
+    assert d.part_names == CUB_PARTS and d.parts.shape == (1402, 15, 3)
+    assert torch.equal(d.parts, transform_points(f.parts, d.meta["image_wh"], 64))
+    on = d.parts[..., 2] > 0
+    assert (int(on.sum()), int((f.parts[..., 2] > 0).sum())) == (15382, 16276)               # the centre crop hides 5.5 % of them
+    xy = d.parts[..., :2][on]
+    assert (xy >= 0).all() and (xy < 64).all()
+    # the visible parts of a bird lie in (or right at the edge of) its box, in decoded pixels too
+    b = d.boxes[:, None].expand(-1, 15, 4)[on]
+    inside = (xy[:, 0] >= b[:, 0] - 2) & (xy[:, 0] <= b[:, 2] + 2) & (xy[:, 1] >= b[:, 1] - 2) & (xy[:, 1] <= b[:, 3] + 2)
+    assert inside.float().mean() > 0.99
+
+
+def test_fake_cub_parts(tmp_path):
+    root = make_fake_cub(tmp_path / "cub", n_cls=5, unseen=(3,), per_class=4)
+    d = load_cub(root, verbose=False)
+    assert d.part_names == list(FAKE_PARTS) and d.parts.shape == (20, 3, 3)
+    images_txt = [l.split()[1] for l in _lines(root / "CUB_200_2011" / "images.txt")]
+    locs = {(int(a), int(b)): [float(x), float(y), float(v)] for a, b, x, y, v in map(str.split, _lines(root / "CUB_200_2011" / "parts" / "part_locs.txt"))}
+    for i, f in enumerate(d.images):
+        assert d.parts[i].tolist() == [locs[images_txt.index(f) + 1, p] for p in (1, 2, 3)]
+        H, W = d.image(i).shape[1:]
+        assert d.parts[i, 0].tolist() == [W / 2, H / 2, 1.0]                               # the back: at the centre of its photo
+    back = type(d).load(d.save(tmp_path / "cub.pt"))
+    assert torch.equal(back.parts, d.parts) and back.fingerprint() == d.fingerprint()
+    m = load_cub(root, verbose=False, img_size=16)
+    assert torch.allclose(m.parts[:, 0, :2], torch.full((20, 2), 8.), atol=1) and (m.parts[:, 0, 2] == 1).all()
+    assert load_cub(make_fake_cub(tmp_path / "np", parts=False), verbose=False).parts is None
+
+
+def test_fake_cub_broken_part_files(tmp_path):
+    root = make_fake_cub(tmp_path / "cub")
+    pl, pt = root / "CUB_200_2011" / "parts" / "part_locs.txt", root / "CUB_200_2011" / "parts" / "parts.txt"
+    good = pl.read_text()
+    lines = good.splitlines()
+    for text, msg in (("\n".join(lines[:-1]), r"part_locs.txt: 1 \(image, part\) pairs are missing, e.g. image 36 part 3"),
+                      ("\n".join(lines + lines[:1]), rf"part_locs.txt line {len(lines) + 1}: image 1 part 1 appears twice"),
+                      ("\n".join(lines[:4] + ["5 2 1.0 x 1"] + lines[5:]), r"part_locs.txt line 5: 'x' is not a finite number"),
+                      ("\n".join(lines[:2] + ["1 3 1.0 2.0 7"] + lines[3:]), r"part_locs.txt line 3: the visible flag is not 0 or 1"),
+                      ("\n".join(lines[:2] + ["1 4 1.0 2.0 1"] + lines[3:]), r"line 3: part id outside 1..3 \(parts.txt names 3\)"),
+                      ("\n".join(lines[:2] + ["99 3 1.0 2.0 1"] + lines[3:]), r"line 3: image id outside 1..36")):
+        pl.write_text(text + "\n")
+        with pytest.raises(NIWTInputError, match=msg): load_cub(root, verbose=False)
+    pl.write_text(good)
+    pt.write_text("1 back\n2 beak\n")                                                   # parts.txt names fewer parts than part_locs uses
+    with pytest.raises(NIWTInputError, match=r"part id outside 1..2"): load_cub(root, verbose=False)
+    pt.write_text("1 back\n3 beak\n")
+    with pytest.raises(NIWTInputError, match=r"`parts.txt`: parts.txt: part ids must be 1..2"): load_cub(root, verbose=False)
+    pt.unlink()
+    with pytest.raises(NIWTInputError, match=r"parts has part_locs.txt but no parts.txt"): load_cub(root, verbose=False)
+
+
+part_locs_st = st.lists(st.builds(lambda *f: " ".join(f), st.sampled_from(["1", "2", "3", "0", "1.0", "x"]), st.sampled_from(["1", "2", "3", "-1"]),
+                                  st.sampled_from(["0", "4.5", "-3", "nan", "1e999", "2"]), st.sampled_from(["0", "7", "1_0", "inf"]),
+                                  st.sampled_from(["0", "1", "2", "0.5"])), max_size=6).map("\n".join)
+
+@FUZZ
+@given(st.one_of(file_bytes_st, part_locs_st.map(lambda s: s.encode("utf-8"))))
+def test_fuzz_part_files(data):
+    "Random part files: NIWTInputError, or exactly (n_img, n_parts, 3) finite locations with 0/1 flags and every pair once."
+    p = _write("parts.txt", data)
+    names = _only_niwt_errors(read_parts, p)
+    if names is not None: assert names and all(n and n == " ".join(n.split()) for n in names) and len(set(names)) == len(names)
+    locs = _only_niwt_errors(read_part_locs, p, 2, 2)
+    if locs is not None:
+        assert locs.shape == (2, 2, 3) and torch.isfinite(locs).all() and (locs[..., :2] >= 0).all()
+        assert set(locs[..., 2].unique().tolist()) <= {0.0, 1.0}
+        assert len([l for l in data.decode("utf-8-sig").split("\n") if l.strip()]) == 4
