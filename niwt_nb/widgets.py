@@ -101,7 +101,7 @@ class AttributeTextMap:
         self.margin = float(margin)
         self._values = [_value_words(n) for n in self.names]
         if encoder != "words":
-            P = encoder.encode(self.phrases)                                     # (n_attr, e)
+            P = encoder.encode([" ".join(re.sub(r"\(.*?\)", " ", ph).split()) for ph in self.phrases])   # (n_attr, e), details in parentheses dropped
             self._P = P / P.norm(dim=1, keepdim=True).clamp_min(1e-12)
     method = property(lambda self: "words" if self.encoder == "words" else self.encoder.name)
 
@@ -658,7 +658,7 @@ def _build_widgets(self: NIWTExplorer):
                if any(attribute_part(n) == "bill" for n in d.attr_names) else "e.g. a small purple cross with dots on a light background")
     self.text_box = w.Textarea(value="", placeholder=example, description="text", layout=lay(width="700px", height="60px"))
     self.text_note = w.HTML(self._text_note())
-    self.add_button = w.Button(description="add class", button_style="success", icon="plus")
+    self.add_button = w.Button(description="add class", button_style="success", icon="plus", layout=lay(min_width="120px"))
     self.status = w.HTML("")
     for wd, cls in ((self.image_select, "image-select"), (self.class_select, "class-select"), (self.calibrate_box, "calibrate"),
                     (self.semantic_select, "semantic-select"), (self.pred_view, "pred-view"), (self.cam_view, "cam-view"),
@@ -791,8 +791,8 @@ def _bar_png(self: NIWTExplorer, p: dict) -> bytes:
     from matplotlib.patches import Patch
     ax.set_xlim(0, min(1.0, 1.25 * p["top"][0]["prob"])); ax.set_ylabel("")
     ax.set_xlabel("probability (softmax over all classes)", fontsize=7); ax.tick_params(labelsize=7)
-    ax.set_title(f"top {len(labels)} of {len(self.columns)} classes under {p['semantic']}" + (", calibrated" if p["calibrated"] else "") +
-                 " (✓ = true)", fontsize=8)
+    ax.set_title(f"top {len(labels)} of {len(self.columns)} classes (✓ = true)\nunder {p['semantic']}" + (", calibrated" if p["calibrated"] else ""),
+                 fontsize=8)
     ax.legend(handles=[Patch(color=c, label=k) for k, c in _KIND_COLOURS.items()], fontsize=6, loc="lower right", frameon=False)
     return _png(fig)
 
