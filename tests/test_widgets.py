@@ -1,5 +1,8 @@
-"The explorer driven from Python: a finished run folder, its widgets' values changed and what they display asserted; free text; bad input."
-import json
+"""The explorer driven from Python: a finished run folder, its widgets' values changed and what they display asserted;
+swapping the semantic input; free text under every input; a tiny run on real CUB photos (skipped without ../shared);
+bad input."""
+import io, json
+from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _tiny_run(tmp, semantic="attributes"):
+def _tiny_run(tmp, semantic="attributes,captions"):
     "A finished tiny Shapes run written to `tmp/run` like `niwt_run --out` (seconds); its data cached under `tmp/cache`."
     from niwt_nb.shapes import ShapesConfig
     from niwt_nb.models import TrainConfig
@@ -35,16 +38,53 @@ def _tiny_run(tmp, semantic="attributes"):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory): return _tiny_run(tmp_path_factory.mktemp("widgets"))
+def run_dir(tmp_path_factory): return _tiny_run(tmp_path_factory.mktemp("widgets"))           # attributes + captions
 
 
 @pytest.fixture(scope="module")
-def captions_dir(tmp_path_factory): return _tiny_run(tmp_path_factory.mktemp("widgets_captions"), "captions")
+def captions_dir(tmp_path_factory): return _tiny_run(tmp_path_factory.mktemp("widgets_captions"), "captions")   # one input
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"               # where conftest's `shared_data` looks
+SEABIRD = "a large seabird with a hooked yellow bill"
+
+
+def _tiny_cub_run(tmp):
+    "A finished tiny run on the partial CUB of ../shared/data (classes 001-025, smallcnn at 32 px, 1 epoch, attributes + sent)."
+    from niwt_nb.models import ModelConfig, TrainConfig
+    from niwt_nb.importance import ImportanceConfig
+    from niwt_nb.dom2alpha import Dom2AlphaConfig
+    from niwt_nb.alpha2w import Alpha2WConfig
+    from niwt_nb.pipeline import RunConfig, run_niwt
+    cfg = RunConfig(dataset="cub", root=str(SHARED / "cub"), present_only=True, semantic="attributes,sent", img_size=32,
+                    model=ModelConfig(backbone="smallcnn", width=8), train=TrainConfig(epochs=1, bs=64, patience=None),
+                    importance=ImportanceConfig(bs=128), dom2alpha=Dom2AlphaConfig(max_epochs=30), alpha2w=Alpha2WConfig(max_steps=60),
+                    n_feed=16, baselines=(), explain=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NIWT_CACHE", str(tmp / "cache"))
+        run_niwt(cfg, out=tmp / "run", store=ArtifactStore(tmp / "store"), log=lambda *a: None, report=False)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def cub_dir(tmp_path_factory):
+    if not (SHARED / "cub").is_dir(): pytest.skip(f"real CUB files not found at {SHARED / 'cub'} (only present on the project's own machines)")
+    return _tiny_cub_run(tmp_path_factory.mktemp("widgets_cub"))
 
 
 def _explorer(tmp, monkeypatch, **kw):
     monkeypatch.setenv("NIWT_CACHE", str(tmp / "cache")); monkeypatch.setenv("NIWT_DATA", str(tmp / "data"))
     return NIWTExplorer(tmp / "run", **{"n_images": 6, "text_encoder": "words", **kw})
+
+
+def _metrics(tmp): return json.loads((tmp / "run" / "metrics.json").read_text())
+
+
+def _mapped_pair(ex):
+    "An unseen-class image and an unseen column with some positive Grad-CAM evidence under every input (tiny nets often have none)."
+    unseen_cols = [j for j, c in enumerate(ex.columns) if c["kind"] == "unseen"]
+    return next((i, j) for i in ex.image_ids[:len(ex.image_ids) // 2].tolist() for j in unseen_cols
+                if all(ex.explain(i, j, semantic=s)["cam"].max() > 0 for s in ex.semantics))
 
 
 @pytest.fixture
@@ -60,6 +100,7 @@ def _short(name): return name.split(".", 1)[-1]
 # -- loading and what is shown first ------------------------------------------------------------------------------
 def test_loads_a_run_folder_with_the_runs_classifier(ex, run_dir):
     d, b = ex.d, ex.bundle
+    assert (ex.semantics, ex.semantic, ex.semantic_select.options) == (["attributes", "captions"], "attributes", ("attributes", "captions"))
     assert (len(ex.columns), len(ex.image_ids)) == (48, 12)
     assert [c["kind"] for c in ex.columns] == ["seen"] * 36 + ["unseen"] * 12
     assert ex.gamma == json.loads((run_dir / "run" / "metrics.json").read_text())["methods"]["niwt"]["gamma"] > 0
@@ -116,6 +157,74 @@ def test_calibration_checkbox_shifts_the_seen_scores(ex):
     assert cal["predicted"] == int(ex.scores(i, calibrate=True).argmax()) and raw["predicted"] == int(ex.scores(i).argmax())
 
 
+# -- swapping the semantic input ----------------------------------------------------------------------------------
+def test_semantic_buttons_swap_the_unseen_rows_and_everything_shown(ex, run_dir):
+    d, b = ex.d, ex.bundle
+    i, col = _mapped_pair(ex)                                                  # an unseen-class image, an unseen column
+    ex.image_select.value, ex.class_select.value = i, col
+    before = (dict(ex.state), bytes(ex.pred_view.value), bytes(ex.cam_view.value), ex.neuron_view.value)
+    ex.semantic_select.value = "captions"                                       # the button
+    st = ex.state
+    assert (ex.semantic, b.semantic, st["semantic"]) == ("captions",) * 3
+    torch.testing.assert_close(ex.W[36:48], b.W_unseen); torch.testing.assert_close(ex.W[:36], b.W_seen)
+    torch.testing.assert_close(ex.scores(i), b.scores(d.images[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+    assert ex.gamma == _metrics(run_dir)["by_semantic"]["captions"]["methods"]["niwt"]["gamma"] > 0
+    assert f"γ = {ex.gamma:.2f}" in ex.calibrate_box.description
+    assert bytes(ex.pred_view.value) != before[1] and bytes(ex.cam_view.value) != before[2]
+    assert ex.neuron_view.value != before[3] and "under captions" in ex.neuron_view.value
+    assert "semantic input</b>: captions" in ex.text_view.value
+    e_att, e_cap = ex.explain(i, col, semantic="attributes"), ex.explain(i, col)
+    assert not torch.allclose(e_att["cam"], e_cap["cam"]) and not torch.allclose(e_att["alpha"], e_cap["alpha"])
+    assert st["neurons"] == e_cap["neurons"] and st["top"] != before[0]["top"]
+    ex.semantic_select.value = "attributes"
+    assert ex.state == before[0] and bytes(ex.cam_view.value) == before[2]   # back: the same display
+
+
+def test_compare_puts_every_input_side_by_side(ex):
+    i, col = int(ex.image_ids[0]), 40
+    c = ex.compare(i, col)
+    assert list(c) == ["attributes", "captions"]
+    for sem, v in c.items():
+        p = ex.predict(i, semantic=sem)
+        assert v["predicted"] == p["predicted"] and v["prob"] == pytest.approx(float(p["probs"][col]))
+        torch.testing.assert_close(v["cam"], ex.explain(i, col, semantic=sem)["cam"])
+    assert c["attributes"]["prob"] != c["captions"]["prob"]
+    seen = ex.compare(i, 3)                                                    # a seen row is the network's own: the same map
+    torch.testing.assert_close(seen["attributes"]["cam"], seen["captions"]["cam"])
+    ex.image_select.value, ex.class_select.value = i, col
+    html = ex.compare_view.value
+    assert html.count("data:image/png;base64") == 2 and "attributes</b> (in use)" in html and _short(ex.columns[col]["name"]) in html
+    assert ex.state["compare"]["captions"]["channels"] == [n["channel"] for n in c["captions"]["neurons"]]
+
+
+def test_text_note_says_how_free_text_reaches_each_input(ex):
+    note = ex.text_note.value
+    assert "<b>attributes</b>: read as attributes (words matching" in note and "<b>captions</b>: embedded with the run&#x27;s tfidf" in note
+    assert ex.text_support("captions") == {"ok": True, "how": "embedded with the run's tfidf encoder"}
+
+
+def test_a_new_class_gets_a_row_under_every_input_that_can_take_it(ex):
+    r = ex.add_class("purple cross", text="a small purple cross with dots on a light background")
+    assert set(r["by_semantic"]) == {"attributes", "captions"} and r["missing"] == {} and r["semantic"] == "attributes"
+    assert r["by_semantic"]["captions"]["how"].startswith("embedded with the run's tfidf")
+    i = int(ex.image_ids[0])
+    for sem in ex.semantics:
+        W, _ = ex._classifier(sem)
+        torch.testing.assert_close(W[r["column"]], r["by_semantic"][sem]["w"])
+        assert torch.isfinite(ex.scores(i, semantic=sem)[r["column"]]) and ex.explain(i, r["column"], semantic=sem)["available"]
+    assert not torch.allclose(r["by_semantic"]["attributes"]["w"], r["by_semantic"]["captions"]["w"])
+    ex.class_select.value = r["column"]; ex.semantic_select.value = "captions"
+    assert ex.state["target_name"] == "purple cross" and ex.state["available"] and "purple cross" in ex.compare_view.value
+    # a domain vector is one input's: the class has no row under the other, is never predicted there and says why
+    r2 = ex.add_class("captions only", dom=ex.bundle.dom[int(ex.d.unseen[2])])
+    assert list(r2["by_semantic"]) == ["captions"] and "given as a captions vector" in r2["missing"]["attributes"]
+    ex.semantic_select.value = "attributes"
+    assert ex.scores(i)[r2["column"]] == float("-inf") and ex.predict(i)["probs"][r2["column"]] == 0
+    ex.class_select.value = r2["column"]
+    assert ex.state["available"] is False and ex.state["neurons"] == []
+    assert "no classifier under the attributes input" in ex.text_view.value and "no row" in ex.compare_view.value
+
+
 # -- new classes --------------------------------------------------------------------------------------------------
 def test_adding_an_unseen_class_from_its_own_semantic_input_gives_back_the_runs_row(ex):
     # the first unseen class: its random initial row is the run's too (randn(n, D) starts with randn(1, D)), so the
@@ -130,6 +239,8 @@ def test_adding_an_unseen_class_from_its_own_semantic_input_gives_back_the_runs_
     info = ex.added[-1]
     assert info["how"].startswith("the run's attributes of")
     assert F.cosine_similarity(ex.W[n], ex.W[_col(ex, c)], dim=0) > 0.9999   # the same steps as the pipeline
+    W_cap, _ = ex._classifier("captions")                                      # ... under the other input too, from its own vector
+    assert F.cosine_similarity(W_cap[n], W_cap[_col(ex, c)], dim=0) > 0.9999 and info["by_semantic"]["captions"]["how"].startswith("the run's captions of")
     torch.testing.assert_close(ex.W[n].norm(), ex.bundle.W_seen.norm(dim=1).mean())   # norm-matched like the run
     c2 = int(ex.d.unseen[5])                                                   # any class: the run's predicted alpha
     torch.testing.assert_close(ex.add_class("again", source=c2)["alpha"], ex.bundle.alpha_pred[c2].float())
@@ -171,6 +282,7 @@ def test_captions_run_embeds_text_with_the_runs_encoder(captions_dir, monkeypatc
     ex = _explorer(captions_dir, monkeypatch)
     d = ex.d
     assert ex.cfg.semantic == "captions" and ex.bundle.encoder_name.startswith("tfidf")
+    assert ex.semantics == ["captions"] and ex.state["compare"] == {} and ex.compare_view.layout.display == "none"   # one input: nothing to compare
     enc = ex._run_encoder()                                                    # rebuilt: the same map as the run's
     torch.testing.assert_close(embed_class_texts(d.captions, d.n_cls, enc), ex.bundle.dom.float(), atol=1e-5, rtol=1e-5)
     m = ex.text_to_dom(d.captions[0][0])
@@ -208,6 +320,10 @@ def test_leaves_the_model_as_it_found_it(ex):
     (lambda ex: ex.explain(int(ex.image_ids[0]), 48), "`column`: expected a column in [0, 48)"),
     (lambda ex: ex.predict(10**6), "`image`"),
     (lambda ex: ex.describe(-1), "`class_id`"),
+    (lambda ex: ex.use("sent"), "`semantic`: this run has no 'sent'"),
+    (lambda ex: ex.scores(int(ex.image_ids[0]), semantic="sent"), "`semantic`"),
+    (lambda ex: ex.compare(int(ex.image_ids[0]), 99), "`column`"),
+    (lambda ex: ex.add_class("x", dom=torch.zeros(22), source=3), "exactly one of"),
 ])
 def test_bad_input_names_the_argument(ex, call, needle):
     with pytest.raises(NIWTInputError) as e: call(ex)
@@ -218,6 +334,8 @@ def test_bad_constructor_arguments(run_dir, tmp_path, monkeypatch):
     with pytest.raises(NIWTInputError, match="bundle.pt"): NIWTExplorer(tmp_path / "missing")
     with pytest.raises(NIWTInputError, match="`n_images`"): _explorer(run_dir, monkeypatch, n_images=0)
     with pytest.raises(NIWTInputError, match="`text_encoder`"): _explorer(run_dir, monkeypatch, text_encoder="bert")
+    with pytest.raises(NIWTInputError, match="`bridge`"): _explorer(run_dir, monkeypatch, bridge="yes")
+    with pytest.raises(NIWTInputError, match="`display_size`"): _explorer(run_dir, monkeypatch, display_size=0)
 
 
 def test_a_feature_level_run_is_refused_clearly(tmp_path, monkeypatch):
@@ -225,9 +343,91 @@ def test_a_feature_level_run_is_refused_clearly(tmp_path, monkeypatch):
     from niwt_nb.cli import make_run_config
     from niwt_nb.pipeline import run_niwt
     make_fake_xlsa17_features(tmp_path / "x" / "CUB", n_cls=10, unseen=(1, 4, 7), per_class=10, K=2048, n_attr=8)
-    cfg = make_run_config("cub", root=str(tmp_path / "x"), features=True, epochs=2).replace(baselines=())
+    cfg = make_run_config("cub", root=str(tmp_path / "x"), features=True, epochs=2)
+    cfg = cfg.replace(baselines=(), select=False, dom2alpha=cfg.dom2alpha.replace(max_epochs=20), alpha2w=cfg.alpha2w.replace(max_steps=50))
     run_niwt(cfg, out=tmp_path / "run", store=ArtifactStore(tmp_path / "store"), log=lambda *a: None, report=False)
     with pytest.raises(NIWTInputError, match="feature-level"): NIWTExplorer(tmp_path / "run")
+
+
+# -- a tiny run on real CUB photos (../shared/data: classes 001-025, attributes + sent) ------------------------------
+@pytest.fixture
+def cub(cub_dir, shared_data, monkeypatch): return _explorer(cub_dir, monkeypatch)
+
+
+def test_cub_explorer_shows_bird_photos(cub):
+    from PIL import Image
+    d = cub.d
+    assert cub.semantics == ["attributes", "sent"] and (len(d.seen), len(d.unseen), len(cub.columns)) == (22, 3, 25)
+    i = int(cub.image_ids[0])
+    ph = cub.photo(i)                                                          # the photo file decoded again at 168 px
+    assert ph.shape == (3, 168, 168) and ph.dtype == torch.uint8 and ph.float().std() > 10
+    torch.testing.assert_close(cub.photo(i, 32), d.images[i])                  # same file and crop as the network's 32 px input
+    assert cub.cam_view.format == "jpeg" and Image.open(io.BytesIO(bytes(cub.cam_view.value))).size == (2 * 168 + 2, 168)
+    assert cub.compare_view.value.count("data:image/jpeg;base64") == 2
+    assert any("Albatross" in label or "Cormorant" in label or "Ani" in label or "Blackbird" in label for label, _ in cub.image_select.options)
+
+
+def test_cub_swap_to_sent_changes_unseen_predictions_maps_and_channels(cub, cub_dir):
+    d, b = cub.d, cub.bundle
+    i, col = _mapped_pair(cub)                                                 # an unseen-class photo; an unseen column
+    cub.image_select.value, cub.class_select.value = i, col
+    before = (dict(cub.state), bytes(cub.pred_view.value), bytes(cub.cam_view.value), cub.neuron_view.value)
+    cub.semantic_select.value = "sent"
+    torch.testing.assert_close(cub.W[22:], b.W_unseen); assert b.semantic == "sent" and cub.state["semantic"] == "sent"
+    assert cub.gamma == _metrics(cub_dir)["by_semantic"]["sent"]["methods"]["niwt"]["gamma"]
+    assert bytes(cub.pred_view.value) != before[1] and bytes(cub.cam_view.value) != before[2] and cub.neuron_view.value != before[3]
+    assert not torch.allclose(cub.explain(i, col, semantic="attributes")["alpha"], cub.explain(i, col)["alpha"])
+    # the run's own rows come back from each input's own vector, with the NIWT settings the run chose for that input
+    for sem in cub.semantics:
+        s = cub._sem[sem]
+        assert s["a2w"].lam == s["selected"].get("alpha2w.lam", cub.cfg.alpha2w.lam)
+    r = cub.add_class("again", source=int(d.unseen[0]))
+    for sem in cub.semantics:
+        W, _ = cub._classifier(sem)
+        assert F.cosine_similarity(W[r["column"]], W[22], dim=0) > 0.9999, sem   # column 22: the first unseen class
+
+
+def test_cub_free_text_becomes_a_class_under_both_inputs(cub):
+    r = cub.add_class("seabird", text=SEABIRD)
+    assert [p for p, _, _ in r["matched"]] == ["hooked bill shape", "large (16 - 32 in) size", "yellow bill color"]
+    assert r["segments"] == [(None, "large seabird"), ("bill", "hooked yellow bill")]       # 'yellow' is the bill's colour only
+    br = cub.bridge_to("sent"); rep = br.report
+    assert (rep["fit_classes"], rep["held_out_classes"]) == (22, 3) and -1 <= rep["held_out_cos"] <= 1 and 0 <= rep["nearest_right"] <= 3
+    sent = r["by_semantic"]["sent"]
+    assert "bridged to sent by a ridge map attributes → sent fitted on the 22 seen classes" in sent["how"]
+    assert f"{rep['held_out_cos']:.2f}" in sent["how"] and f"{rep['mean_cos']:.2f}" in sent["how"]   # how good the bridge is, said with it
+    torch.testing.assert_close(sent["dom"], br(cub.text_to_dom(SEABIRD, "attributes")["dom"]))    # the bridge of the same reading
+    i = int(cub.image_ids[0])
+    for sem in cub.semantics:                                                  # predicted, mapped and named under both inputs
+        assert float(cub.predict(i, semantic=sem)["probs"][r["column"]]) > 0
+        e = cub.explain(i, r["column"], semantic=sem)
+        assert e["available"] and e["cam"].shape == (32, 32) and len(e["neurons"]) == 5 and all(n["name"] for n in e["neurons"])
+    cub.text_box.value, cub.name_box.value = SEABIRD, "typed seabird"          # the same from the widgets
+    cub.add_button.click()
+    assert "added <b>typed seabird</b>" in cub.status.value and "<b>sent</b>: attributes read by words matching" in cub.status.value
+    assert cub.state["target_name"] == "typed seabird" and "typed seabird" in cub.text_view.value
+    neurons = cub.neuron_view.value
+    cub.semantic_select.value = "sent"
+    assert cub.state["target_name"] == "typed seabird" and cub.state["available"] and cub.neuron_view.value != neurons
+
+
+def test_cub_without_a_bridge_sent_refuses_free_text_and_says_why(cub_dir, shared_data, monkeypatch):
+    ex = _explorer(cub_dir, monkeypatch, bridge=False)
+    t = ex.text_support("sent")
+    assert not t["ok"] and "no encoder for new text" in t["how"] and "bridge=False" in t["how"]
+    assert "cannot take free text" in ex.text_note.value
+    with pytest.raises(NIWTInputError, match="no encoder for new text"): ex.text_to_dom(SEABIRD, "sent")
+    ex.text_box.value, ex.name_box.value = SEABIRD, "seabird"                  # attributes take it; sent gets no row and says why
+    ex.add_button.click()
+    r = ex.added[-1]
+    assert list(r["by_semantic"]) == ["attributes"] and "no encoder for new text" in r["missing"]["sent"]
+    assert "<b>sent</b>: <span style='color:#b00'>no row" in ex.status.value
+    ex.use("sent")
+    i = int(ex.image_ids[0])
+    assert ex.scores(i)[r["column"]] == float("-inf") and not ex.explain(i, r["column"])["available"]
+    ex.class_select.value = r["column"]
+    assert "has no classifier under the sent input" in ex.text_view.value
+    assert set(ex.add_class("own", source=int(ex.d.unseen[0]))["by_semantic"]) == {"attributes", "sent"}   # its own vector works
 
 
 # -- free text to attributes --------------------------------------------------------------------------------------
