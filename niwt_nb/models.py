@@ -21,7 +21,7 @@ from .efficientnet import (EfficientNetLite, LITE_PARAMS, LITE_MEAN, LITE_STD, l
 __all__ = ['BACKBONES', 'LAYER_CANDIDATES', 'DEFAULT_LAYERS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRAIN_MODES', 'SmallCNN',
            'natural_input_size', 'input_norm', 'ModelConfig', 'ImageNorm', 'NIWTNet', 'build_model', 'seen_columns',
            'SquareResize', 'iter_batches', 'body_fingerprint', 'ActivationCache', 'load_activations',
-           'cache_activations', 'TrainConfig', 'train_seen', 'predict', 'gzsl_logits']
+           'cache_activations', 'JoinedCache', 'TrainConfig', 'train_seen', 'predict', 'gzsl_logits']
 
 # %% ../nbs/04_models.ipynb #c9413b2e
 def _conv_block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
@@ -628,6 +628,40 @@ def _check_acts(acts, model, img_size=_ANY):
     if img_size is not _ANY and acts.meta.get("img_size") != img_size:
         raise input_error("acts", f"were computed at img_size={acts.meta.get('img_size')} but img_size={img_size} is asked for",
                           "use the same img_size for the cache and the call")
+
+# %% ../nbs/04_models.ipynb #7f9d2938
+class JoinedCache(ActivationCache):
+    "Several `ActivationCache`s of one body (same fingerprint and activation shape, disjoint images) read as one, without copying."
+    def __init__(self, *caches: ActivationCache):
+        if not caches: raise input_error("caches", "is empty", "pass at least one ActivationCache")
+        for c in caches:
+            if not isinstance(c, ActivationCache):
+                raise input_error("caches", f"expected ActivationCaches, got {type(c).__name__}", "build them with cache_activations(model, data, ...)")
+        if len({c.fingerprint for c in caches}) > 1 or len({c.shape for c in caches}) > 1:
+            raise input_error("caches", "come from different bodies, layers or image sizes", "join caches of one model only")
+        idx = torch.cat([c.idx for c in caches])
+        if len(idx.unique()) != len(idx): raise input_error("caches", "hold some images more than once", "join caches of disjoint image sets")
+        self.parts = caches
+        self.offsets = [0] + torch.tensor([len(c) for c in caches]).cumsum(0).tolist()
+        super().__init__(None, idx, {**caches[0].meta, "flip": all(c.flip for c in caches)})
+
+    @property
+    def in_memory(self) -> bool: return all(c.in_memory for c in self.parts)
+    @property
+    def nbytes(self) -> int: return sum(c.nbytes for c in self.parts)
+    def __repr__(self) -> str: return f"JoinedCache({len(self)} images in {len(self.parts)} parts, A {self.shape} {self.meta['dtype']})"
+
+    def gather(self, pos, device=None, flipped=None) -> torch.Tensor:
+        "`(B, K, h, w)` float32 activations at positions `pos` (through the parts in order), each read from its own part."
+        pos = torch.as_tensor(pos).long().cpu()
+        if ((pos < 0) | (pos >= len(self))).any(): raise input_error("pos", f"holds positions outside 0..{len(self) - 1}", "use positions(image_idx)")
+        out = torch.empty((len(pos), *self.shape), dtype=torch.float32, device="cpu" if device is None else device)
+        for c, lo, hi in zip(self.parts, self.offsets[:-1], self.offsets[1:]):
+            m = (pos >= lo) & (pos < hi)
+            if m.any(): out[m.to(out.device)] = c.gather(pos[m] - lo, device, None if flipped is None else torch.as_tensor(flipped).bool().cpu()[m])
+        return out
+
+    def save(self, path) -> Path: raise input_error("path", "a JoinedCache is a view and is not saved", "save its parts (cache.parts)")
 
 # %% ../nbs/04_models.ipynb #1bb5c365
 TRAIN_MODES = ("full", "cached")

@@ -13,10 +13,10 @@ from fastcore.basics import patch
 from .core import (Config, ArtifactStore, NIWTInputError, input_error, hash_key, seed_everything, get_device,
                           atomic_write_text, package_version, eval_mode, progress, temp_env)
 from .data import ZSLData
-from .xlsa17 import decode_data
+from .xlsa17 import decode_data, transform_points, restore_captions
 from .semantic import ENCODERS
 from .models import (BACKBONES, ModelConfig, TrainConfig, build_model, train_seen, predict, gzsl_logits, natural_input_size,
-                            cache_activations, load_activations, body_fingerprint)
+                            cache_activations, load_activations, body_fingerprint, JoinedCache)
 from .importance import ImportanceConfig, extract_alphas
 from .dom2alpha import Dom2AlphaConfig, fit_dom2alpha, Dom2Alpha
 from .alpha2w import Alpha2WConfig, fit_alpha2w
@@ -254,7 +254,8 @@ def load_run_data(cfg: RunConfig, store: ArtifactStore | None = None, check: boo
     """`(data, model)`: the dataset of `cfg`, checked by `check_run` (model: the freshly built network, None without
     `check`), then with image files decoded once into memory at `decode_size` (cached in `store` when given)."""
     d = load_dataset(cfg)
-    if cfg.classes is not None: d = d.subset_classes(torch.tensor(parse_classes(cfg.classes, d.n_cls)) - 1)
+    if cfg.classes is not None:   # a subset whose classes all have captions gets them back (CUB 001-010)
+        d = restore_captions(d.subset_classes(torch.tensor(parse_classes(cfg.classes, d.n_cls)) - 1))
     if not len(d.unseen) or not len(d.seen):
         raise input_error("classes", f"{cfg.classes!r} leaves {len(d.seen)} seen and {len(d.unseen)} unseen classes", "keep at least one of each")
     model = check_run(cfg, d) if check else None
@@ -265,7 +266,8 @@ def load_run_data(cfg: RunConfig, store: ArtifactStore | None = None, check: boo
         key = hash_key(d.fingerprint(), stamp, size, "crop")
         if store is not None and store.exists("images", key):
             art = store.load("images", key)
-            d = dataclasses.replace(d, images=art["images"], boxes=art["boxes"],
+            parts = None if d.parts is None else transform_points(d.parts, art["wh"], size, "crop")   # moved with the crop, as decode_data does
+            d = dataclasses.replace(d, images=art["images"], boxes=art["boxes"], parts=parts,
                                     meta={**d.meta, "img_size": size, "decode": "crop", "image_wh": art["wh"]}).validate()
         else:
             d = decode_data(d, size, "crop")
@@ -329,7 +331,7 @@ def data(self: Run) -> ZSLData:
 @patch
 def activations(self: Run):
     "Cached fine-tuning: `(trainval cache, test cache)` of `ActivationCache`s (see `models.cache_activations`); else `(None, None)`."
-    self.acts_tv = self.acts_test = None
+    self.acts_tv = self.acts_test = self.acts = None
     if not self.cached_mode: return None, None
     cfg, d, t = self.cfg, self.d, self.cfg.train
     base = hash_key(self.keys["data"], body_fingerprint(self.model0), self.model0.layer, t.cache_dtype)
@@ -344,6 +346,7 @@ def activations(self: Run):
                                             bs=self.cfg.importance.bs, device=self.dev)
         out.append(cache)
     self.acts_tv, self.acts_test = out
+    self.acts = JoinedCache(*out)        # every image of the run as one cache: explain reads maps from it instead of running the body
     return self.acts_tv, self.acts_test
 
 def _acts_for(self, split: str):

@@ -557,6 +557,13 @@ def text_to_dom(self: NIWTExplorer, text: str, semantic: str | None = None) -> d
     return {"dom": v, "how": f"{how}, then bridged to {sem} by {br.describe()}", "matched": m["matched"], "segments": m["segments"]}
 
 @patch
+def settings(self: NIWTExplorer, sem: str | None = None) -> dict:
+    "What the run chose for semantic input `sem` (default: the one in use): `a2w` (Alpha2WConfig), `norm_match`, `selected`, `gamma`."
+    sem = self.semantic if sem is None else sem
+    if sem not in self._sem: raise input_error("sem", f"{sem!r} is not a semantic input of this run", f"use one of {self.semantics}")
+    return {k: self._sem[sem][k] for k in ("a2w", "norm_match", "selected", "gamma")}
+
+@patch
 def feed(self: NIWTExplorer) -> tuple:
     "`(network, x)`: what the run fed alpha2w (`pipeline.alpha2w_feed`: the same draw; activations when fine-tuning was cached)."
     if self._feed is None:

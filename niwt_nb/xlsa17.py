@@ -18,7 +18,7 @@ __all__ = ['SPLIT_KEYS', 'OPTIONAL_SPLIT_KEYS', 'SOURCES', 'DECODE_MODES', 'CROP
            'read_class_list', 'image_key', 'read_img_list', 'read_lab_list', 'read_mat', 'read_splits_mat',
            'read_res101_mat', 'match_classes', 'class_ids', 'check_labels', 'check_split_classes', 'verify_file',
            'fetch', 'pick_val_classes', 'crop_geometry', 'transform_boxes', 'transform_points', 'decode_images',
-           'decode_data', 'build_xlsa17_data']
+           'decode_data', 'build_xlsa17_data', 'restore_captions']
 
 # %% ../nbs/02a_xlsa17.ipynb #104dd6e9
 _CTRL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
@@ -498,3 +498,19 @@ def build_xlsa17_data(name: str, classes: list, files: list, labels: torch.Tenso
     d = d.validate()
     # 4. optional in-memory images
     return decode_data(d, img_size, decode, workers) if img_size is not None else d
+
+# %% ../nbs/02a_xlsa17.ipynb #eaa80003
+def restore_captions(d: ZSLData) -> ZSLData:
+    """`d` with its class captions rebuilt from the per-image captions `meta['image_captions']` (kept by `load_cub`)
+    when every class has them for all its images (e.g. after `subset_classes`); else `d` unchanged."""
+    if not isinstance(d, ZSLData): raise input_error("d", f"expected a ZSLData, got {type(d).__name__}", "pass a dataset")
+    img_caps = d.meta.get("image_captions")
+    if d.captions is not None or not img_caps or "files" not in d.meta: return d
+    files, orig = d.meta["files"], d.meta.get("image_ids_original", torch.arange(d.n_img))
+    caps = {}
+    for c in range(d.n_cls):
+        fs = [files[int(orig[i])] for i in (d.labels == c).nonzero().flatten().tolist()]
+        if not fs or not all(f in img_caps for f in fs): return d
+        caps[c] = [t for f in fs for t in img_caps[f]]
+    meta = {k: v for k, v in d.meta.items() if k != "captions_note"}
+    return dataclasses.replace(d, captions=caps, meta=meta).validate()

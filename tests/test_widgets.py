@@ -103,7 +103,8 @@ def test_loads_a_run_folder_with_the_runs_classifier(ex, run_dir):
     assert (ex.semantics, ex.semantic, ex.semantic_select.options) == (["attributes", "captions"], "attributes", ("attributes", "captions"))
     assert (len(ex.columns), len(ex.image_ids)) == (48, 12)
     assert [c["kind"] for c in ex.columns] == ["seen"] * 36 + ["unseen"] * 12
-    assert ex.gamma == json.loads((run_dir / "run" / "metrics.json").read_text())["methods"]["niwt"]["gamma"] > 0
+    assert ex.gamma == json.loads((run_dir / "run" / "metrics.json").read_text())["methods"]["niwt"]["gamma"]   # the run's calibration, not a default
+    assert isinstance(ex.gamma, float)
     i = int(ex.image_ids[0])
     torch.testing.assert_close(ex.scores(i), b.scores(d.images[i:i + 1])[0], atol=1e-5, rtol=1e-5)
     s, sc = ex.scores(i), ex.scores(i, calibrate=True)
@@ -241,7 +242,10 @@ def test_adding_an_unseen_class_from_its_own_semantic_input_gives_back_the_runs_
     assert F.cosine_similarity(ex.W[n], ex.W[_col(ex, c)], dim=0) > 0.9999   # the same steps as the pipeline
     W_cap, _ = ex._classifier("captions")                                      # ... under the other input too, from its own vector
     assert F.cosine_similarity(W_cap[n], W_cap[_col(ex, c)], dim=0) > 0.9999 and info["by_semantic"]["captions"]["how"].startswith("the run's captions of")
-    torch.testing.assert_close(ex.W[n].norm(), ex.bundle.W_seen.norm(dim=1).mean())   # norm-matched like the run
+    torch.testing.assert_close(ex.W[n].norm(), ex.W[_col(ex, c)].norm(), rtol=1e-3, atol=1e-5)   # the run's norm (rescaled or not, as selected)
+    if ex.settings()["norm_match"]: torch.testing.assert_close(ex.W[n].norm(), ex.bundle.W_seen.norm(dim=1).mean())
+    assert ex.settings()["selected"] == ex.bundle.selected
+    with pytest.raises(Exception, match="`sem`"): ex.settings("nosuch")
     c2 = int(ex.d.unseen[5])                                                   # any class: the run's predicted alpha
     torch.testing.assert_close(ex.add_class("again", source=c2)["alpha"], ex.bundle.alpha_pred[c2].float())
 
