@@ -10,7 +10,8 @@ import torch
 from .core import input_error, atomic_write_text
 
 # %% auto #0
-__all__ = ['plot_training', 'metrics_table', 'semantics_table', 'selection_table', 'write_report']
+__all__ = ['EXPLANATION_ROWS', 'plot_training', 'metrics_table', 'semantics_table', 'selection_table', 'write_report',
+           'explanation_table']
 
 # %% ../nbs/10_report.ipynb #f41b8c83
 def plot_training(history: dict, ax=None):
@@ -99,12 +100,7 @@ def write_report(metrics: dict, run, out: str | Path) -> Path:
             exp_md += [f"![{name}](explain_{name}.png)", ""]
         e = metrics.get("explain") or {}
         row = lambda k: f"{e[k]:.3f}" if isinstance(e.get(k), (int, float)) else "–"
-        exp_md = ["## Explanations (scored against Shapes ground truth)", "",
-                  "| score | NIWT | baseline |", "|---|---|---|",
-                  f"| pointing game (unseen classes) | {row('pointing_game')} | centred blob {row('pointing_game_center')} |",
-                  f"| text precision@5 | {row('text_precision')} | random attributes {row('text_precision_random')} |",
-                  f"| neuron-name AUROC | {row('naming_auroc')} | random names {row('naming_auroc_random')}, oracle {row('naming_auroc_oracle')} |",
-                  "", *exp_md]
+        exp_md = [f"## Explanations (scored against {run.d.name}'s ground truth)", "", explanation_table(e), "", *exp_md]
     c, t, ex = metrics["config"], metrics["timings_s"], metrics["per_seed"][-1]["extra"]
     sems = metrics.get("semantics") or [c["semantic"]]
     side = (["## Semantic inputs side by side", "", semantics_table(metrics), ""] if len(sems) > 1 else [])
@@ -128,3 +124,25 @@ def write_report(metrics: dict, run, out: str | Path) -> Path:
     p = out / "report.md"
     atomic_write_text(p, "\n".join(md))
     return p
+
+# %% ../nbs/10_report.ipynb #5b0154ba
+EXPLANATION_ROWS = (   # (score, key, baselines {label: key}): a row is shown when the run has that score
+    ("pointing game (unseen classes)", "pointing_game", {"centred blob": "pointing_game_center"}),
+    ("energy inside the object", "energy_in_mask", {"centred blob": "energy_in_mask_center", "flat map": "energy_in_mask_flat"}),
+    ("text precision@5 (in the image)", "text_precision", {"random attributes": "text_precision_random", "most frequent": "text_precision_frequent"}),
+    ("text precision@5 (in the true class)", "text_class_precision", {"random attributes": "text_class_precision_random",
+                                                                       "most frequent": "text_class_precision_frequent"}),
+    ("distinctive-attribute precision@5", "text_distinct_precision", {"random attributes": "text_distinct_precision_random",
+                                                                       "most frequent": "text_distinct_precision_frequent"}),
+    ("rank correlation with the true class", "text_rank_corr", {"other classes": "text_rank_corr_other_classes"}),
+    ("neuron-name AUROC", "naming_auroc", {"random names": "naming_auroc_random", "oracle": "naming_auroc_oracle"}),
+    ("neuron fires at its named part", "part_hit", {"random names": "part_hit_random", "random channel": "part_hit_random_channel",
+                                                     "oracle": "part_hit_oracle"}))
+
+def explanation_table(e: dict) -> str:
+    "Markdown table of the explanation scores in `e` (`metrics['explain']`) that the run has, each beside its baselines."
+    if not isinstance(e, dict): raise input_error("e", f"expected the dict metrics['explain'], got {type(e).__name__}", "pass metrics['explain']")
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    rows = [f"| {label} | {e[k]:.3f} | " + ", ".join(f"{n} {e[b]:.3f}" for n, b in base.items() if num(e.get(b))) + " |"
+            for label, k, base in EXPLANATION_ROWS if num(e.get(k))]
+    return "\n".join(["| score | NIWT | baselines |", "|---|---|---|", *rows]) if rows else "No explanation scores (the data has no ground truth for them)."
