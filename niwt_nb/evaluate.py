@@ -303,16 +303,30 @@ class SAE:
         nrm = torch.nn.functional.normalize
         return (nrm(a, dim=1) @ nrm(b, dim=1).T).to(X.dtype)         # (n, C)
 
+_SAE_EIG: dict = {}   # the last decompositions, by the hash of (X, S): a grid over lam and space decomposes once
+
+def _sae_eig(Xd: torch.Tensor, S: torch.Tensor):
+    "`(Ua, a, V, s2)`: `S^T S = Ua diag(a) Ua^T` and the thin SVD `X = U diag(s) V^T` (`s2 = s**2`, nonzero directions only)."
+    import hashlib
+    key = hashlib.sha1(Xd.numpy().tobytes() + S.numpy().tobytes() + str((tuple(Xd.shape), tuple(S.shape))).encode()).hexdigest()
+    if key not in _SAE_EIG:
+        a, Ua = torch.linalg.eigh(S.T @ S)                                       # (k,), (k, k)
+        _, s, Vh = torch.linalg.svd(Xd, full_matrices=False)                    # X = U diag(s) Vh
+        keep = s > s.max() * max(Xd.shape) * torch.finfo(s.dtype).eps            # numerically nonzero directions of X
+        _SAE_EIG.clear(); _SAE_EIG[key] = (Ua, a.clamp_min(0), Vh[keep].T, s[keep] ** 2)
+    return _SAE_EIG[key]
+
 def fit_sae(X, y, dom, train_classes, lam: float = 1.0, space: str = "semantic") -> SAE:
-    "Semantic autoencoder: solve `S S^T W + lam W X X^T = (1+lam) S X^T` for `W (k, D)` (paper layout) on images of `train_classes`."
-    from scipy.linalg import solve_sylvester
+    """Semantic autoencoder: solve `S S^T W + lam W X X^T = (1+lam) S X^T` for `W (k, D)` (paper layout) on images of
+    `train_classes`, in the eigenbases of both sides: the minimum-norm solution, also when they are rank deficient."""
     X, y, dom, tc = _fit_inputs(X, y, dom, train_classes)
     if not lam > 0: raise input_error("lam", f"must be > 0, got {lam!r}", "pass a positive weight, e.g. 1.0")
     if space not in SAE_SPACES: raise input_error("space", f"unknown space {space!r}", f"use one of {list(SAE_SPACES)}")
     Xd, S = X.double().cpu(), dom[y].double().cpu()                   # (n, D), (n, k)
-    A, B, C = S.T @ S, lam * (Xd.T @ Xd), (1 + lam) * (S.T @ Xd)       # (k, k), (D, D), (k, D)
-    W = torch.from_numpy(solve_sylvester(A.numpy(), B.numpy(), C.numpy())).to(X.device)  # (k, D)
-    return SAE(W, dom, space)
+    Ua, a, V, s2 = _sae_eig(Xd, S)                                    # S^T S = Ua a Ua^T; X^T X = V s2 V^T (+ a null space)
+    Ct = (1 + lam) * (Ua.T @ (S.T @ (Xd @ V)))                        # C = (1+lam) S^T X in both eigenbases: (k, r)
+    W = Ua @ (Ct / (a[:, None] + lam * s2[None, :])) @ V.T            # (k, D); C is zero on X's null space, and so is W
+    return SAE(W.to(X.device), dom, space)
 
 # %% ../nbs/08_evaluate.ipynb #bfc0e1a7
 class Dom2W:

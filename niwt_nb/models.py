@@ -18,9 +18,9 @@ from .efficientnet import (EfficientNetLite, LITE_PARAMS, LITE_MEAN, LITE_STD, l
                                   pretrained_state_dict)
 
 # %% auto #0
-__all__ = ['BACKBONES', 'LAYER_CANDIDATES', 'DEFAULT_LAYERS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TRAIN_MODES', 'SmallCNN',
-           'natural_input_size', 'input_norm', 'ModelConfig', 'ImageNorm', 'NIWTNet', 'build_model', 'seen_columns',
-           'SquareResize', 'iter_batches', 'body_fingerprint', 'ActivationCache', 'load_activations',
+__all__ = ['BACKBONES', 'LAYER_CANDIDATES', 'DEFAULT_LAYERS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CPU_FORWARD_BS', 'TRAIN_MODES',
+           'SmallCNN', 'natural_input_size', 'input_norm', 'ModelConfig', 'ImageNorm', 'NIWTNet', 'build_model',
+           'seen_columns', 'SquareResize', 'iter_batches', 'body_fingerprint', 'ActivationCache', 'load_activations',
            'cache_activations', 'JoinedCache', 'TrainConfig', 'train_seen', 'predict', 'gzsl_logits']
 
 # %% ../nbs/04_models.ipynb #c9413b2e
@@ -565,6 +565,13 @@ def _put(store, rows: slice, A: torch.Tensor):
     if isinstance(store, torch.Tensor): store[rows] = A.to("cpu", store.dtype)
     else: store[rows] = A.to("cpu", torch.float32).numpy().astype(store.dtype, copy=False)
 
+CPU_FORWARD_BS = 8   # on CPU the body sees 8 images at a time: 224-px batches of 64 spill out of the caches (BENCHMARKS.md (e))
+
+def _body_acts(model, xb, dev):
+    "`model.acts(xb)`, in chunks of `CPU_FORWARD_BS` images on CPU (same values, about 2-3x faster for 224-px EfficientNet-Lite)."
+    if dev.type != "cpu" or len(xb) <= CPU_FORWARD_BS: return model.acts(xb)
+    return torch.cat([model.acts(xb[i:i + CPU_FORWARD_BS]) for i in range(0, len(xb), CPU_FORWARD_BS)])
+
 @torch.no_grad()
 def cache_activations(model: NIWTNet, data, idx="trainval", dtype="float16", budget_mb: float = 2048, path=None,
                       flip: bool = False, img_size: int | None = None, bs: int = 64, device=None,
@@ -593,7 +600,7 @@ def cache_activations(model: NIWTNet, data, idx="trainval", dtype="float16", bud
             for xb, _, _ in progress(iter_batches(data, ids, bs, num_workers=num_workers, img_size=img_size), "cache A",
                                      total=-(-n // bs)):
                 xb = xb.to(dev)
-                A = model.acts(xb)                                             # (B, K, h, w)
+                A = _body_acts(model, xb, dev)                                 # (B, K, h, w)
                 if store is None:
                     meta["shape"] = list(A.shape[1:])
                     need = rows * A[0].numel() * np.dtype(ndt).itemsize
@@ -605,7 +612,7 @@ def cache_activations(model: NIWTNet, data, idx="trainval", dtype="float16", bud
                         tmp = _new_tmp_dir(Path(path))
                         store = np.lib.format.open_memmap(tmp / "acts.npy", mode="w+", dtype=ndt, shape=(rows, *A.shape[1:]))
                 _put(store, slice(pos, pos + len(A)), A)
-                if flip: _put(store, slice(n + pos, n + pos + len(A)), model.acts(xb.flip(-1)))
+                if flip: _put(store, slice(n + pos, n + pos + len(A)), _body_acts(model, xb.flip(-1), dev))
                 pos += len(A)
         if tmp is not None:
             store.flush(); del store

@@ -145,6 +145,23 @@ def test_cub25_run_niwt_end_to_end(shared_data, tmp_path):
 
 
 @pytest.mark.shared
+def test_cub_classes_with_captions_get_them_back_and_parts_survive_the_image_cache(shared_data, tmp_path):
+    "`classes='1-10'` (the classes that have captions) makes `semantic='captions'` valid; a load from the image cache moves parts as decoding did."
+    from niwt_nb.core import ArtifactStore
+    cfg = RunConfig(dataset="cub", root=str(shared_data / "cub"), present_only=True, classes="1-10", semantic="captions", img_size=32, **TINY_RUN)
+    store = ArtifactStore(tmp_path / "store")
+    d1, _ = pipeline.load_run_data(cfg, store)                                     # decodes, fills the image cache
+    assert (d1.n_cls, len(d1.seen), len(d1.unseen), sorted(d1.captions)) == (10, 9, 1, list(range(10)))
+    assert d1.captions[0][0] == image_captions(d1, int((d1.labels == 0).nonzero()[0]))[0]   # class captions = its images' captions
+    d2, _ = pipeline.load_run_data(cfg, store)                                     # from the image cache
+    assert d1.parts is not None and torch.equal(d2.images, d1.images)
+    torch.testing.assert_close(d2.parts, d1.parts); torch.testing.assert_close(d2.boxes, d1.boxes)
+    vis = d1.parts[..., 2] > 0
+    xy = d1.parts[..., :2][vis]                                                    # visible parts: in pixels of the 32-px crop
+    assert (xy >= 0).all() and (xy < 32).all() and float(vis.float().mean()) > 0.3
+
+
+@pytest.mark.shared
 def test_awa2_splits_classes_attributes(shared_data):
     a, meta = load_awa2(shared_data / "awa2", check_images=False, verbose=False), shared_data / "awa2" / "awa_meta"
     assert [len(a.splits[k]) for k in SPLIT_KEYS] == [23527, 5882, 7913]
