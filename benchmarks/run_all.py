@@ -14,7 +14,7 @@ from common import RESULTS, machine, say
 
 HERE = Path(__file__).resolve().parent
 BENCHES = [("a_importance", "bench_importance.py"), ("b_all_classes", "bench_all_classes.py"),
-           ("c_alpha2w", "bench_alpha2w.py"), ("d_pipeline", "bench_pipeline.py"), ("e_finetune", "bench_finetune.py")]
+           ("c_alpha2w", "bench_alpha2w.py"), ("d_pipeline", "bench_pipeline.py"), ("e_finetune", "bench_finetune.py"), ("f_cub_cpu", "bench_cub_cpu.py")]
 
 
 def main(argv=None):
