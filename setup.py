@@ -26,6 +26,7 @@ pretrained_requirements = shlex.split(cfg.get('pretrained_requirements', ''))
 
 setuptools.setup(
     name=cfg['lib_name'],
+    **setup_cfg,                    # version, description, keywords, author, author_email
     license=lic[0],
     classifiers=['Development Status :: ' + statuses[int(cfg['status'])],
                  'Intended Audience :: ' + cfg['audience'].title(),

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from .core import Config, input_error, check_tensor, eval_mode
 
 # %% auto #0
-__all__ = ['Alpha2WConfig', 'importance_matrix', 'alpha2w_penalty', 'alpha2w_objective', 'fit_alpha2w', 'plot_alpha2w_history']
+__all__ = ['Alpha2WConfig', 'importance_matrix', 'alpha2w_penalty', 'alpha2w_objective', 'fit_alpha2w', 'plot_alpha2w_history',
+           'match_norm']
 
 # %% ../nbs/07_alpha2w.ipynb #0615e4f8
 _FEEDS, _METHODS, _OBJECTIVES = ("seen", "noise", "other"), ("fast", "reference"), ("mean_alpha", "pairs")
@@ -296,3 +297,10 @@ def plot_alpha2w_history(res: dict, ax=None):
     ax2.set_ylabel("cosine")
     ax.legend(handles=ax.get_lines()[:1] + ax2.get_lines()[:1], labels=["loss", "cosine"], fontsize=8, loc="center right")
     return ax
+
+# %% ../nbs/07_alpha2w.ipynb #8a5a7c4b
+def match_norm(W_new: torch.Tensor, W_seen: torch.Tensor) -> torch.Tensor:
+    "Rescale rows of `W_new (n_new, D)` to the mean row norm of `W_seen (n_seen, D)` (directions unchanged)."
+    n = W_new.norm(dim=1, keepdim=True)
+    if (n == 0).any(): raise input_error("W_new", "has an all-zero row", "check the alpha2w result")
+    return W_new / n * W_seen.norm(dim=1).mean()

@@ -144,10 +144,10 @@ def load_awa2(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attri
                              meta=meta, how_to_get=_HOW_TO_GET_AWA2, verbose=verbose, workers=workers)
 
 # %% ../nbs/02c_awa2.ipynb #d67cce01
-from .pipeline import register_dataset, RunConfig
+from .data import register_dataset
 
 @register_dataset("awa2")
-def awa2_from_config(cfg: RunConfig) -> ZSLData:
+def awa2_from_config(cfg) -> ZSLData:
     "The `'awa2'` dataset of a `RunConfig` (see `load_awa2`)."
     root = Path(cfg.root) if cfg.root else data_root() / "awa2"
     return load_awa2(root, present_only=bool(getattr(cfg, "present_only", False)), verbose=False)   # files: see cub_from_config

@@ -25,7 +25,7 @@ def make_run_config(dataset=None, root=None, semantic=None, backbone=None, weigh
     given = {k: v for k, v in dict(dataset=dataset, semantic=semantic, backbone=backbone, weights=weights, layer=layer,
                                    encoder=encoder).items() if v is not None}
     if preset is not None:
-        from niwt_nb.cub import PRESETS, preset_config
+        from niwt_nb.presets import PRESETS, preset_config
         if preset not in PRESETS: raise input_error("preset", f"unknown preset {preset!r}", f"use one of {sorted(PRESETS)}")
         if features: raise input_error("features", f"preset {preset!r} is an image-level configuration", "drop --features, or drop --preset")
         pre = PRESETS[preset]

@@ -16,10 +16,9 @@ from .xlsa17 import (text_lines, _int, _float, _unique, read_class_list, read_im
                             decode_data, SPLIT_KEYS)
 
 # %% auto #0
-__all__ = ['FAKE_PARTS', 'CUB_SEMANTICS', 'PRESETS', 'PRESET_NOTES', 'read_id_names', 'read_id_ints', 'read_boxes', 'read_parts',
-           'read_part_locs', 'read_captions_file', 'read_captions', 'find_xlsa17_dir', 'xlsa17_image_order',
-           'cub_layout', 'make_fake_cub', 'load_cub', 'image_file', 'image_captions', 'cub_from_config',
-           'preset_config']
+__all__ = ['FAKE_PARTS', 'CUB_SEMANTICS', 'read_id_names', 'read_id_ints', 'read_boxes', 'read_parts', 'read_part_locs',
+           'read_captions_file', 'read_captions', 'find_xlsa17_dir', 'xlsa17_image_order', 'cub_layout',
+           'make_fake_cub', 'load_cub', 'image_file', 'image_captions', 'cub_from_config']
 
 # %% ../nbs/02b_cub.ipynb #1994ed0f
 def _id_rows(path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
@@ -380,74 +379,12 @@ def image_captions(data: ZSLData, i: int) -> list[str]:
     return list(data.meta.get("image_captions", {}).get(image_file(data, i), []))
 
 # %% ../nbs/02b_cub.ipynb #784df89e
-from .pipeline import register_dataset, RunConfig
+from .data import register_dataset
 
 @register_dataset("cub")
-def cub_from_config(cfg: RunConfig) -> ZSLData:
+def cub_from_config(cfg) -> ZSLData:
     "The `'cub'` dataset of a `RunConfig` (see `load_cub`)."
     root = Path(cfg.root) if cfg.root else data_root() / "cub"
     # image files stay on disk and every semantic input that exists is loaded: the pipeline checks the requested one
     # (`check_run`, naming `semantic`) and then decodes the images at the backbone's size (`load_run_data`)
     return load_cub(root, semantic="attributes", present_only=bool(getattr(cfg, "present_only", False)), verbose=False)
-
-# %% ../nbs/02b_cub.ipynb #a1aaf81b
-from .models import ModelConfig, TrainConfig
-from .importance import ImportanceConfig
-from .dom2alpha import Dom2AlphaConfig
-from .alpha2w import Alpha2WConfig
-
-def _preset(dataset: str, arch: str) -> dict:
-    cub, res = dataset == "cub", arch == "resnet101"
-    lr_a2w, lam = (1e-4, 1e-2) if cub else (1e-3, 1e-3)
-    train = (TrainConfig(epochs=600, head_epochs=0, finetune_all=False, lr=1e-3, wd=1e-4, bs=32 if cub else 33, patience=10, img_size=224)
-             if res else TrainConfig(epochs=600, head_epochs=10, finetune_all=True, lr=1e-3, body_lr_mult=1e-2, wd=5e-4,
-                                     bs=64 if cub else 63, patience=10, img_size=224))
-    E = 500 if res else 300                                   # dom2alpha: every epoch run, the best on validation kept
-    return dict(dataset=dataset, semantic="attributes_raw",   # raw class-level continuous attributes, unnormalised
-                model=ModelConfig(backbone=arch, layer="layer4.0" if res else "conv5_3", weights="imagenet"),
-                train=train, importance=ImportanceConfig(bs=64, reduce="sum", img_size=224),
-                dom2alpha=Dom2AlphaConfig(arch="linear", lr=1e-4 if cub else 1e-3, wd=0.0, bs=64, init="normal", norm_reg=0.0,
-                                          normalize_dom=False, max_epochs=E, patience=E),
-                alpha2w=Alpha2WConfig(objective="pairs", penalty="half_sum", lam=lam, lr=lr_a2w, bias="zero", init_std=None,
-                                      stop="relative", rel_delta=0.01, patience=40, method="reference",
-                                      bs=64 if (not cub and not res) else 32, feed="seen", n_feed=3000, max_steps=20000),
-                n_feed=3000, norm_match=False, select=False, variants={"niwt": {}})
-
-PRESETS = {f"{ds}_{arch}": _preset(ds, arch) for ds in ("cub", "awa2") for arch in ("resnet101", "vgg16")}
-
-_COMMON_NOTES = {
-    "approximations": [
-        "alpha2w is fed seen-class training images (feed='seen'); the original fed 3000 random ImageNet images (pass "
-        "alpha2w.feed='other' with feed_dir= a folder of ImageNet images to do the same)",
-        "alpha2w's training items: the original made one (image, class) pair per unseen *test* image (that image's class and a "
-        "random ImageNet image), so class frequencies follow the test set; niwt_nb draws mini-batches of `bs` pairs from the "
-        "cross product of the fed images and the unseen classes (method='reference', the same double backward)",
-        "alpha2w keeps the weights of the lowest-loss step; the original kept the end-of-epoch weights of the epoch with the "
-        "lowest mean training loss. Stopping matches (stop='relative', 1 % within 40 steps); the original's window counter starts at 1",
-        "the original's ResNet GZSL evaluation used zero seen biases (its new logits_seen layer copies the weights only); "
-        "niwt_nb keeps the fine-tuned seen biases",
-        "dom2alpha: the original fed the raw class-level continuous attributes (CUB class_attribute_labels_continuous.txt, 0-100; "
-        "AWA2 the continuous predicate matrix, -1 set to 0) without normalisation (the division by the global max in its "
-        "encode_attributes_class loops over an empty dict and is never reached); the presets use semantic='attributes_raw' with "
-        "normalize_dom=False (AWA2's -1 entries are kept as xlsa17 stores them)",
-        "images: shorter side to 256, central 224 crop, as the original's vgg_preprocessing",
-        "validation classes: the loader's default is xlsa17 valclasses1 (50 CUB / 13 AWA2 classes); the original held out "
-        "5 random seen classes (n_train_class 145 / 35): load with val_classes=None for that",
-        "norm_match=False and no calibration reproduce the original evaluation; niwt_nb also reports calibrated numbers"],
-    "unknown": ["the seed-1234 choice of the 5 held-out classes", "dom2alpha early stopping (the original kept the best "
-                "validation checkpoint; patience is not recorded)", "alpha2w total steps (epochs over its feed list)"],
-}
-_SRC = "github.com/ramprs/neuron-importance-zsl: arg_configs/{}_config_{}.json, seen_pretraining/arg_configs/seen_finetune/{}_{}_seen_proposed_finetune{}.json"
-_HSEARCH = ["train.lr, train.wd: the original searched lr_fc in 1e-4..1e-2 and wd in 1e-5..1e-4; the chosen point is not recorded"]
-_TWO_PHASE = ["train.head_epochs: the fc-only phase (lr 1e-3) ended by early stopping (patience 3); 10 is a guess",
-              "second phase: the original used lr 1e-5 for every layer; here the fc keeps lr 1e-3 (body 1e-5)"]
-PRESET_NOTES = {f"{ds}_{arch}": {"source": _SRC.format("resnet" if arch == "resnet101" else "vgg16", ds.upper(), ds.upper(),
-                                                       "resnet_v1_101" if arch == "resnet101" else "vgg_16", "_hsearch" if arch == "resnet101" else ""),
-                                 "unknown_values": _HSEARCH if arch == "resnet101" else _TWO_PHASE}
-                for ds in ("cub", "awa2") for arch in ("resnet101", "vgg16")}
-for _v in PRESET_NOTES.values(): _v.update(_COMMON_NOTES)
-
-def preset_config(name: str, **overrides) -> RunConfig:
-    "The `RunConfig` of preset `name` (see `PRESETS`), with any `RunConfig` field overridden."
-    if name not in PRESETS: raise input_error("name", f"unknown preset {name!r}", f"use one of {sorted(PRESETS)}")
-    return RunConfig().replace(**{**PRESETS[name], **overrides})

@@ -15,8 +15,8 @@ from fastcore.basics import patch
 from .core import input_error, NIWTInputError, check_tensor, atomic_torch_save
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'ZSLData', 'make_train_val', 'make_toy_data', 'load_image', 'Normalize',
-           'Resize', 'RandomHFlip', 'Compose', 'ZSLDataset']
+__all__ = ['SPLITS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASETS', 'ZSLData', 'make_train_val', 'make_toy_data', 'load_image',
+           'Normalize', 'Resize', 'RandomHFlip', 'Compose', 'ZSLDataset', 'register_dataset']
 
 # %% ../nbs/01_data.ipynb #6a3d5b0b
 SPLITS = ("trainval", "test_seen", "test_unseen", "train", "val")  # required keys of `ZSLData.splits`
@@ -487,3 +487,14 @@ def load(cls: ZSLData, path: str | Path) -> ZSLData:
     if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
         raise input_error("path", f"{str(p)!r} is not a saved ZSLData ({_FORMAT})", "re-create it with `ZSLData.save`")
     return cls.from_dict(obj)
+
+# %% ../nbs/01_data.ipynb #f2a6e02a
+DATASETS: dict = {}   # name -> loader(cfg) -> ZSLData (cfg: a RunConfig, or anything with the fields the loader reads)
+
+def register_dataset(name: str):
+    "Decorator: register `fn(cfg) -> ZSLData` as the loader of dataset `name`."
+    if not isinstance(name, str) or not name.strip(): raise input_error("name", f"expected a dataset name, got {name!r}", "pass e.g. 'cub'")
+    def deco(fn):
+        if not callable(fn): raise input_error("fn", f"expected a loader function, got {type(fn).__name__}", "decorate a function cfg -> ZSLData")
+        DATASETS[name] = fn; return fn
+    return deco

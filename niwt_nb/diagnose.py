@@ -13,7 +13,8 @@ from .engine import target_importances, head_jacobian
 from .dom2alpha import fit_dom2alpha
 from .alpha2w import fit_alpha2w
 from .evaluate import zsl_top1, refit_seen_head, fit_dom2w, GZSLProblem
-from .pipeline import Run, match_norm, OnActivations, _niwt_settings, _trainval
+from .alpha2w import match_norm
+from .pipeline import Run, OnActivations, _niwt_settings, _trainval
 
 # %% auto #0
 __all__ = ['PoolingView', 'diagnose']

@@ -589,7 +589,7 @@ class RunExplanations:
 
 def _run_classifier(run):
     "Rows `(C,D)`, biases `(C,)` and class ids `(C,)` of the classifier [seen ; unseen] that the run evaluated."
-    from niwt_nb.pipeline import match_norm                                   # (late: the pipeline comes after this module)
+    from niwt_nb.alpha2w import match_norm
     Ws, bs = run.model.fc.weight.detach(), run.model.fc.bias.detach()
     Wu = run.a2w["W_unseen"].to(Ws)
     if getattr(run.cfg, "norm_match", False): Wu = match_norm(Wu, Ws)

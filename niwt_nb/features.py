@@ -202,7 +202,7 @@ def build_feature_model(cfg: FeatureModelConfig | None = None, n_seen: int = 2) 
     return net
 
 # %% ../nbs/02d_features.ipynb #b7cce1cb
-from .pipeline import register_dataset, RunConfig
+from .data import register_dataset
 
 def xlsa17_dataset_dir(root, dataset: str) -> Path:
     "The xlsa17 folder of `dataset` ('CUB', 'AWA2', ...) under `root` (`root` itself when it holds res101.mat)."
@@ -212,12 +212,12 @@ def xlsa17_dataset_dir(root, dataset: str) -> Path:
     raise input_error("root", f"no res101.mat for {dataset} under {str(root)!r}", "pass the xlsa17 folder (fetch('xlsa17') downloads it)")
 
 @register_dataset("cub_res101")
-def cub_res101_from_config(cfg: RunConfig) -> FeatureData:
+def cub_res101_from_config(cfg) -> FeatureData:
     "The `'cub_res101'` dataset: xlsa17 CUB ResNet-101 features (classes in CUB's order 001-200)."
     d = xlsa17_dataset_dir(cfg.root, "CUB")
     return load_xlsa17_features(d, classes=sorted(read_splits_mat(d / "att_splits.mat")["classes"]))
 
 @register_dataset("awa2_res101")
-def awa2_res101_from_config(cfg: RunConfig) -> FeatureData:
+def awa2_res101_from_config(cfg) -> FeatureData:
     "The `'awa2_res101'` dataset: xlsa17 AwA2 ResNet-101 features."
     return load_xlsa17_features(xlsa17_dataset_dir(cfg.root, "AWA2"))

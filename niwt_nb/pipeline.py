@@ -19,24 +19,18 @@ from .models import (BACKBONES, ModelConfig, TrainConfig, build_model, train_see
                             cache_activations, load_activations, body_fingerprint, JoinedCache)
 from .importance import ImportanceConfig, extract_alphas
 from .dom2alpha import Dom2AlphaConfig, fit_dom2alpha, Dom2Alpha
-from .alpha2w import Alpha2WConfig, fit_alpha2w
+from .alpha2w import Alpha2WConfig, fit_alpha2w, match_norm
 from .evaluate import (GZSLProblem, ValProblem, val_split, evaluate_gzsl, run_baselines, mean_std, zsl_top1,
                               refit_seen_head)
 
 # %% auto #0
-__all__ = ['DATASETS', 'SEMANTICS', 'ARTIFACT_FORMAT', 'NIWT_GRID', 'NIWT_VARIANTS', 'SMALLCNN_FILE_SIZE', 'SPLITS',
-           'IMAGE_SUFFIXES', 'BUNDLE_VERSION', 'register_dataset', 'build_any_model', 'pretrained', 'default_train',
-           'default_n_feed', 'RunConfig', 'parse_classes', 'load_dataset', 'decode_size', 'check_run', 'load_run_data',
-           'match_norm', 'Run', 'OnActivations', 'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once',
-           'run_niwt']
+__all__ = ['SEMANTICS', 'ARTIFACT_FORMAT', 'NIWT_GRID', 'NIWT_VARIANTS', 'SMALLCNN_FILE_SIZE', 'SPLITS', 'IMAGE_SUFFIXES',
+           'BUNDLE_VERSION', 'build_any_model', 'pretrained', 'default_train', 'default_n_feed', 'RunConfig',
+           'parse_classes', 'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'Run', 'OnActivations',
+           'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
 
 # %% ../nbs/11_pipeline.ipynb #f3dbbd01
-DATASETS: dict = {}   # name -> loader(cfg: RunConfig) -> ZSLData; real benchmarks register here
-
-def register_dataset(name: str):
-    "Decorator: register `fn(cfg) -> ZSLData` as the loader of dataset `name`."
-    def deco(fn): DATASETS[name] = fn; return fn
-    return deco
+from .data import DATASETS, register_dataset   # the registry lives with the data (loaders register on import)
 
 SEMANTICS = ("attributes", "captions", "sent", "attributes_raw", "attributes_binary")
 ARTIFACT_FORMAT = 3   # bump whenever a stage's stored content changes: older caches are then simply not reused
@@ -283,13 +277,6 @@ def load_run_data(cfg: RunConfig, store: ArtifactStore | None = None, check: boo
             if store is not None: store.save("images", key, {"images": d.images, "boxes": d.boxes, "wh": d.meta["image_wh"]},
                                              config={"img_size": size, "decode": "crop"})
     return d, model
-
-# %% ../nbs/11_pipeline.ipynb #8a5a7c4b
-def match_norm(W_new: torch.Tensor, W_seen: torch.Tensor) -> torch.Tensor:
-    "Rescale rows of `W_new (n_new, D)` to the mean row norm of `W_seen (n_seen, D)` (directions unchanged)."
-    n = W_new.norm(dim=1, keepdim=True)
-    if (n == 0).any(): raise input_error("W_new", "has an all-zero row", "check the alpha2w result")
-    return W_new / n * W_seen.norm(dim=1).mean()
 
 # %% ../nbs/11_pipeline.ipynb #645930da
 class Run:

@@ -577,7 +577,7 @@ def add_class(self: NIWTExplorer, name: str, text: str | None = None, dom=None, 
     inputs of class `source`: for every semantic input that can take it, dom2alpha -> alpha -> `fit_alpha2w` (fast) ->
     one more classifier row. Returns what was done (`by_semantic`, and the reason for each input left out in `missing`)."""
     from niwt_nb.alpha2w import fit_alpha2w
-    from niwt_nb.pipeline import match_norm
+    from niwt_nb.alpha2w import match_norm
     if not isinstance(name, str) or not name.strip(): raise input_error("name", "is empty", "name the new class")
     if sum(a is not None for a in (text, dom, source)) != 1: raise input_error("text", "pass exactly one of text, dom, source", "e.g. add_class('zebra', text='...')")
     if source is not None and (not isinstance(source, int) or isinstance(source, bool) or not 0 <= source < self.d.n_cls):

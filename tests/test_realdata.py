@@ -14,8 +14,9 @@ from niwt_nb import xlsa17 as X
 from niwt_nb.xlsa17 import (read_splits_mat, read_res101_mat, read_class_list, read_img_list, read_lab_list, verify_file, fetch,
                             SPLIT_KEYS, build_xlsa17_data)
 from niwt_nb.cub import (load_cub, make_fake_cub, image_file, image_captions, read_id_names, read_id_ints, read_boxes,
-                         read_captions_file, read_captions, PRESETS, preset_config, read_parts, read_part_locs, FAKE_PARTS)
+                         read_captions_file, read_captions, read_parts, read_part_locs, FAKE_PARTS)
 from niwt_nb.awa2 import load_awa2, make_fake_awa2, read_binary_matrix
+from niwt_nb.presets import PRESETS, preset_config
 from niwt_nb.features import (FeatureData, FeatureNet, FeatureModelConfig, build_feature_model, load_xlsa17_features,
                               make_fake_xlsa17_features)
 from niwt_nb import pipeline

@@ -70,3 +70,13 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in readme and ci[-1].strip() == "make test"
     mk = (ROOT / "Makefile").read_text()
     assert "-m pytest tests" in mk.split("\ntest:")[1].split("\n\n")[0]
+
+
+def test_installed_metadata_comes_from_settings_ini():
+    "setup.py passes settings.ini's version and description to setuptools (it once installed as version 0.0.0)."
+    from configparser import ConfigParser
+    import niwt_nb
+    cfg = ConfigParser(delimiters=["="]); cfg.read(ROOT / "settings.ini", encoding="utf-8")
+    meta = md.metadata("niwt_nb")
+    assert md.version("niwt_nb") == cfg["DEFAULT"]["version"] == niwt_nb.__version__
+    assert meta["Summary"] == cfg["DEFAULT"]["description"]
