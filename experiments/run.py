@@ -122,15 +122,21 @@ def ladder(a, store):
 
 
 def layers(a, store):
+    """Lite0 layer candidates on validation ZSL. Below `_blocks.15` the head holds several MBConv blocks and alpha2w's per-image
+    importance matrices (one backward per feature dimension, D = 1280) take minutes per image batch on a CPU: `--n-feed`
+    and `--single` (one NIWT setting, no grid) keep the comparison affordable; every layer gets the same protocol."""
     from niwt_nb.models import LAYER_CANDIDATES
     rows = []
-    for layer in LAYER_CANDIDATES["efficientnet_lite0"]:
-        cfg = _cfg(dataset="cub", root=str(a.cub_root), present_only=True, **_lite(layer=layer))
+    names = a.layers or LAYER_CANDIDATES["efficientnet_lite0"]
+    for layer in names:
+        extra = ({"n_feed": a.n_feed} if a.n_feed else {}) | ({"niwt_grid": {"alpha2w.lam": [1e-2], "norm_match": [True, False]}} if a.single else {})
+        cfg = _cfg(dataset="cub", root=str(a.cub_root), present_only=True, baselines=(), explain=False, **_lite(layer=layer), **extra)
         m = _run(cfg, [0], store)
         sel = m["selected"]["0"]["attributes"]["niwt"]
         rows.append({"layer": layer, "val_zsl": sel["val_zsl"], "seen_val_acc": m["per_seed"][0]["extra"]["seen_val_acc_best"],
                      **{k: m["methods"]["niwt"][k] for k in ("zsl_top1", "H_cal")}, "wall_s": m["wall_s"]})
-    md = ("## EfficientNet-Lite0 importance layer (CUB 001-025, attributes, seed 0): chosen on validation ZSL\n\n"
+    proto = f"n_feed {a.n_feed or 'default'}, " + ("one NIWT setting (lam 1e-2, rows rescaled or not chosen on validation)" if a.single else "the NIWT grid")
+    md = (f"## EfficientNet-Lite0 importance layer (CUB 001-025, attributes, seed 0; {proto}): chosen on validation ZSL\n\n"
           "| layer | val ZSL (selection) | seen val acc | test ZSL | H cal | wall s |\n|---|---|---|---|---|---|\n"
           + "\n".join(f"| `{r['layer']}` | {r['val_zsl']:.3f} | {r['seen_val_acc']:.3f} | {r['zsl_top1']:.3f} | {r['H_cal']:.3f} | {r['wall_s']} |" for r in rows))
     _save("layers", {"rows": rows}, md)
@@ -142,6 +148,9 @@ def main(argv=None):
     p.add_argument("--cub-root", type=Path, default=ROOT.parent / "shared" / "data" / "cub")
     p.add_argument("--cache", type=Path, default=ROOT / "experiments" / "cache")
     p.add_argument("--out", type=Path, default=None, help="also write each run's report here")
+    p.add_argument("--layers", nargs="*", default=None, help="layers: only these candidates")
+    p.add_argument("--n-feed", type=int, default=None, help="layers: images fed to alpha2w (default: the run's default)")
+    p.add_argument("--single", action="store_true", help="layers: one NIWT setting instead of the grid")
     a = p.parse_args(argv)
     from niwt_nb.core import ArtifactStore
     if a.what != "shapes" and not (a.cub_root / "CUB_200_2011").is_dir(): sys.exit(f"no CUB at {a.cub_root} (pass --cub-root)")
