@@ -13,7 +13,7 @@ from .core import input_error, NIWTInputError, data_root
 from .data import ZSLData
 from .xlsa17 import (text_lines, _int, _float, _unique, read_class_list, read_img_list, read_lab_list,
                             read_splits_mat, read_res101_mat, match_classes, check_labels, check_split_classes, class_ids, build_xlsa17_data,
-                            decode_data, SPLIT_KEYS)
+                            decode_data, class_captions, SPLIT_KEYS)
 
 # %% auto #0
 __all__ = ['FAKE_PARTS', 'CUB_SEMANTICS', 'read_id_names', 'read_id_ints', 'read_boxes', 'read_parts', 'read_part_locs',
@@ -341,10 +341,7 @@ def load_cub(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attrib
     captions, img_caps = None, None
     if L["captions_dir"] is not None:
         img_caps = read_captions(L["captions_dir"], files)
-        captions = {}
-        for c in range(len(classes)):
-            fs = [f for f, l in zip(files, labels.tolist()) if l == c]
-            if fs and all(f in img_caps for f in fs): captions[c] = [t for f in fs for t in img_caps[f]]
+        captions = class_captions(files, labels, len(classes), img_caps)
     elif "captions" in sem:
         raise input_error("captions_dir", f"semantic 'captions' needs Reed's text_c10 folder (none under {L['root']})",
                           "download it (see fetch('cub_captions')) or pass captions_dir=")

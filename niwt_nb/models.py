@@ -662,10 +662,11 @@ class JoinedCache(ActivationCache):
         "`(B, K, h, w)` float32 activations at positions `pos` (through the parts in order), each read from its own part."
         pos = torch.as_tensor(pos).long().cpu()
         if ((pos < 0) | (pos >= len(self))).any(): raise input_error("pos", f"holds positions outside 0..{len(self) - 1}", "use positions(image_idx)")
+        flipped = None if flipped is None else torch.as_tensor(flipped).bool().cpu()
         out = torch.empty((len(pos), *self.shape), dtype=torch.float32, device="cpu" if device is None else device)
         for c, lo, hi in zip(self.parts, self.offsets[:-1], self.offsets[1:]):
             m = (pos >= lo) & (pos < hi)
-            if m.any(): out[m.to(out.device)] = c.gather(pos[m] - lo, device, None if flipped is None else torch.as_tensor(flipped).bool().cpu()[m])
+            if m.any(): out[m.to(out.device)] = c.gather(pos[m] - lo, device, None if flipped is None else flipped[m])
         return out
 
     def save(self, path) -> Path: raise input_error("path", "a JoinedCache is a view and is not saved", "save its parts (cache.parts)")

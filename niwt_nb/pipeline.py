@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from .core import (Config, ArtifactStore, NIWTInputError, input_error, hash_key, seed_everything, get_device,
                           atomic_write_text, package_version, eval_mode, progress, temp_env)
 from .data import ZSLData
-from .xlsa17 import decode_data, transform_points, restore_captions
+from .xlsa17 import decode_data, with_decoded, restore_captions
 from .semantic import ENCODERS
 from .models import (BACKBONES, ModelConfig, TrainConfig, build_model, train_seen, predict, gzsl_logits, natural_input_size,
                             cache_activations, load_activations, body_fingerprint, JoinedCache)
@@ -269,12 +269,10 @@ def load_run_data(cfg: RunConfig, store: ArtifactStore | None = None, check: boo
         key = hash_key(d.fingerprint(), stamp, size, "crop")
         if store is not None and store.exists("images", key):
             art = store.load("images", key)
-            parts = None if d.parts is None else transform_points(d.parts, art["wh"], size, "crop")   # moved with the crop, as decode_data does
-            d = dataclasses.replace(d, images=art["images"], boxes=art["boxes"], parts=parts,
-                                    meta={**d.meta, "img_size": size, "decode": "crop", "image_wh": art["wh"]}).validate()
+            d = with_decoded(d, art["images"], art["wh"], size, "crop")          # boxes and parts moved as decode_data moves them
         else:
             d = decode_data(d, size, "crop")
-            if store is not None: store.save("images", key, {"images": d.images, "boxes": d.boxes, "wh": d.meta["image_wh"]},
+            if store is not None: store.save("images", key, {"images": d.images, "wh": d.meta["image_wh"]},
                                              config={"img_size": size, "decode": "crop"})
     return d, model
 

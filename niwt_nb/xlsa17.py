@@ -18,7 +18,7 @@ __all__ = ['SPLIT_KEYS', 'OPTIONAL_SPLIT_KEYS', 'SOURCES', 'DECODE_MODES', 'CROP
            'read_class_list', 'image_key', 'read_img_list', 'read_lab_list', 'read_mat', 'read_splits_mat',
            'read_res101_mat', 'match_classes', 'class_ids', 'check_labels', 'check_split_classes', 'verify_file',
            'fetch', 'pick_val_classes', 'crop_geometry', 'transform_boxes', 'transform_points', 'decode_images',
-           'decode_data', 'build_xlsa17_data', 'restore_captions']
+           'decode_data', 'with_decoded', 'build_xlsa17_data', 'class_captions', 'restore_captions']
 
 # %% ../nbs/02a_xlsa17.ipynb #104dd6e9
 _CTRL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
@@ -434,9 +434,13 @@ def decode_data(d: ZSLData, size: int, mode: str = "crop", workers: int | None =
     "`d` with its image files decoded once into memory (`uint8 (n, 3, size, size)`, see `decode_images`), boxes and part locations moved to match."
     if not isinstance(d, ZSLData): raise input_error("d", f"expected a ZSLData, got {type(d).__name__}", "pass a dataset")
     if isinstance(d.images, torch.Tensor): raise input_error("d", "its images are already in memory", "decode a dataset whose images are file paths")
-    images, wh = decode_images(d.images, size, d.meta.get("image_root"), workers, mode)
+    return with_decoded(d, *decode_images(d.images, size, d.meta.get("image_root"), workers, mode), size, mode)
+
+def with_decoded(d: ZSLData, images: torch.Tensor, wh: torch.Tensor, size: int, mode: str = "crop") -> ZSLData:
+    """`d` (image files) with `images` decoded from them at `size` (`decode_images`, or a cache of its output) and the
+    files' original sizes `wh (n, 2)`: boxes and part locations moved to match (parts cropped away become hidden)."""
     boxes = transform_boxes(d.boxes, wh, size, mode) if d.boxes is not None else None
-    parts = transform_points(d.parts, wh, size, mode) if d.parts is not None else None   # hidden when cropped away
+    parts = transform_points(d.parts, wh, size, mode) if d.parts is not None else None
     meta = {**d.meta, "img_size": size, "decode": mode, "image_wh": wh}
     return dataclasses.replace(d, images=images, boxes=boxes, parts=parts, meta=meta).validate()
 
@@ -500,17 +504,21 @@ def build_xlsa17_data(name: str, classes: list, files: list, labels: torch.Tenso
     return decode_data(d, img_size, decode, workers) if img_size is not None else d
 
 # %% ../nbs/02a_xlsa17.ipynb #eaa80003
+def class_captions(files: Sequence, labels: torch.Tensor, n_cls: int, img_caps: dict) -> dict:
+    "`{class id: captions of all its images, in order}` for the classes whose every image (key in `files`) has captions in `img_caps`."
+    by_cls = {}
+    for f, l in zip(files, torch.as_tensor(labels).tolist()): by_cls.setdefault(l, []).append(f)
+    return {c: [t for f in by_cls[c] for t in img_caps[f]] for c in range(n_cls)
+            if by_cls.get(c) and all(f in img_caps for f in by_cls[c])}
+
 def restore_captions(d: ZSLData) -> ZSLData:
     """`d` with its class captions rebuilt from the per-image captions `meta['image_captions']` (kept by `load_cub`)
     when every class has them for all its images (e.g. after `subset_classes`); else `d` unchanged."""
     if not isinstance(d, ZSLData): raise input_error("d", f"expected a ZSLData, got {type(d).__name__}", "pass a dataset")
     img_caps = d.meta.get("image_captions")
     if d.captions is not None or not img_caps or "files" not in d.meta: return d
-    files, orig = d.meta["files"], d.meta.get("image_ids_original", torch.arange(d.n_img))
-    caps = {}
-    for c in range(d.n_cls):
-        fs = [files[int(orig[i])] for i in (d.labels == c).nonzero().flatten().tolist()]
-        if not fs or not all(f in img_caps for f in fs): return d
-        caps[c] = [t for f in fs for t in img_caps[f]]
+    orig = d.meta.get("image_ids_original", torch.arange(d.n_img))
+    caps = class_captions([d.meta["files"][int(i)] for i in orig], d.labels, d.n_cls, img_caps)
+    if len(caps) < d.n_cls: return d
     meta = {k: v for k, v in d.meta.items() if k != "captions_note"}
     return dataclasses.replace(d, captions=caps, meta=meta).validate()

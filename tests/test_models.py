@@ -274,15 +274,19 @@ def test_predict_and_empty_split():
     assert torch.equal(p["labels"], data.labels[data.splits["test_unseen"]])
 
 
+def fail_on_call(module, n: int):
+    "Make `module.forward` raise RuntimeError('interrupted') on its `n`-th call (undo with `del module.forward`)."
+    calls, orig = [], module.forward
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == n: raise RuntimeError("interrupted")
+        return orig(*args)
+    module.forward = flaky
+
+
 def test_extract_alphas_streaming_cleans_up_on_failure(tmp_path):
     data, net = tiny_data(), small()
-    calls = []
-    orig = net.head.forward
-    def flaky(A):
-        calls.append(1)
-        if len(calls) == 2: raise RuntimeError("interrupted")
-        return orig(A)
-    net.head.forward = flaky
+    fail_on_call(net.head, 2)
     with pytest.raises(RuntimeError, match="interrupted"):
         extract_alphas(net, data, cfg=ImportanceConfig(bs=10), out_dir=tmp_path, max_memory_mb=1e-4)
     assert list(tmp_path.iterdir()) == []  # neither a temp file nor a half-written result
@@ -414,13 +418,7 @@ def test_cache_over_budget_streams_to_memmap(tmp_path):
 
 def test_cache_build_failure_leaves_nothing(tmp_path):
     data, net = tiny_data(), small().eval()
-    calls = []
-    orig = net.body.forward
-    def flaky(x):
-        calls.append(1)
-        if len(calls) == 3: raise RuntimeError("interrupted")
-        return orig(x)
-    net.body.forward = flaky
+    fail_on_call(net.body, 3)
     with pytest.raises(RuntimeError, match="interrupted"):
         cache_activations(net, data, "trainval", bs=9, budget_mb=0.001, path=tmp_path / "acts")
     assert list(tmp_path.iterdir()) == []
