@@ -16,9 +16,24 @@ from .pipeline import RunConfig, run_niwt, SEMANTICS
 # %% ../nbs/12_cli.ipynb #d84d2bb7
 _MODEL_FLAGS = ("backbone", "layer", "weights")
 
-def make_run_config(dataset=None, root=None, semantic=None, backbone=None, weights=None, layer=None, seed=0, epochs=None,
-                    encoder=None, quick=False, present_only=False, img_size=None, features=False, preset=None,
-                    classes=None, feed=None, feed_dir=None) -> RunConfig:
+def make_run_config(dataset:str|None=None, # 'shapes' (default), or a registered real benchmark ('cub', 'awa2')
+                    root:str|None=None, # dataset root folder (real benchmarks); None: $NIWT_DATA
+                    semantic:str|None=None, # semantic input(s), comma-separated (default 'attributes'; see `SEMANTICS`)
+                    backbone:str|None=None, # network name (default 'smallcnn'; see `models.BACKBONES`)
+                    weights:str|None=None, # 'random' (default), 'imagenet' or a state_dict file
+                    layer:str|None=None, # importance layer as a dotted module name (default: the backbone's)
+                    seed:int=0, # the run's seed
+                    epochs:int|None=None, # seen fine-tuning epochs (default: the run's training config)
+                    encoder:str|None=None, # caption encoder: 'auto' (default), 'minilm' or 'tfidf'
+                    quick:bool=False, # a tiny configuration for smoke tests
+                    present_only:bool=False, # real benchmarks: keep only classes whose images are all present
+                    img_size:int|None=None, # decode image files to this size (default: the backbone's)
+                    features:bool=False, # precomputed xlsa17 ResNet-101 features instead of images
+                    preset:str|None=None, # a key of `presets.PRESETS`: the paper's configuration
+                    classes:str|None=None, # keep only these classes, 1-based, e.g. '1-10'
+                    feed:str|None=None, # what alpha2w is fed: 'seen' (default), 'noise' or 'other'
+                    feed_dir:str|None=None, # a folder of images from another source to feed alpha2w
+                   )->RunConfig:
     """A `RunConfig` from command-line style arguments; `None` means "not given". With `preset`, every argument given
     explicitly overrides the preset (and so shows in `metrics.json`'s config) or is refused with a clear error, never
     silently dropped; so with `features`. `quick=True`: a tiny configuration for smoke tests."""
@@ -67,9 +82,28 @@ def make_run_config(dataset=None, root=None, semantic=None, backbone=None, weigh
                           shapes=ShapesConfig(n_per_class=24) if cfg.dataset == "shapes" else None)
     return cfg
 
-def niwt_run(out="runs/default", dataset=None, root=None, semantic=None, backbone=None, weights=None, layer=None, seed=0,
-             seeds=None, epochs=None, encoder=None, cache=None, quick=False, quiet=False, present_only=False, img_size=None,
-             features=False, preset=None, classes=None, feed=None, feed_dir=None) -> dict:
+def niwt_run(out:str="runs/default", # output folder for metrics.json, bundle.pt and report.md
+             dataset:str|None=None, # as in `make_run_config`
+             root:str|None=None, # as in `make_run_config`
+             semantic:str|None=None, # as in `make_run_config`
+             backbone:str|None=None, # as in `make_run_config`
+             weights:str|None=None, # as in `make_run_config`
+             layer:str|None=None, # as in `make_run_config`
+             seed:int=0, # the seed (ignored when `seeds` is given)
+             seeds:list|None=None, # several seeds, e.g. [0, 1, 2]: mean ± std are reported
+             epochs:int|None=None, # as in `make_run_config`
+             encoder:str|None=None, # as in `make_run_config`
+             cache:str|None=None, # artifact cache folder (default $NIWT_CACHE/artifacts)
+             quick:bool=False, # as in `make_run_config`
+             quiet:bool=False, # no progress output (messages and progress bars)
+             present_only:bool=False, # as in `make_run_config`
+             img_size:int|None=None, # as in `make_run_config`
+             features:bool=False, # as in `make_run_config`
+             preset:str|None=None, # as in `make_run_config`
+             classes:str|None=None, # as in `make_run_config`
+             feed:str|None=None, # as in `make_run_config`
+             feed_dir:str|None=None, # as in `make_run_config`
+            )->dict:
     "Run every NIWT stage and the baselines; write `out/metrics.json` and `out/report.md`. Returns the metrics."
     cfg = make_run_config(dataset, root, semantic, backbone, weights, layer, seed, epochs, encoder, quick,
                           present_only, img_size, features, preset, classes, feed, feed_dir)
@@ -128,7 +162,8 @@ def _dehyphen(a: str) -> str:
     name, eq, val = a[2:].partition("=")
     return "--" + name.replace("-", "_") + eq + val
 
-def main(argv=None):
+def main(argv:list|None=None, # command-line arguments (default `sys.argv[1:]`)
+        ):
     "Entry point of the `niwt_run` console script: parses `argv` (default `sys.argv[1:]`) and runs."
     from fastcore.script import anno_parser
     argv = sys.argv[1:] if argv is None else list(argv)

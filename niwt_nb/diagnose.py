@@ -14,7 +14,7 @@ from .dom2alpha import fit_dom2alpha
 from .alpha2w import fit_alpha2w
 from .evaluate import zsl_top1, refit_seen_head, fit_dom2w, GZSLProblem
 from .alpha2w import match_norm
-from .pipeline import Run, OnActivations, _niwt_settings, _trainval
+from .pipeline import Run, OnActivations, niwt_settings
 
 # %% auto #0
 __all__ = ['PoolingView', 'diagnose']
@@ -30,7 +30,9 @@ class PoolingView(nn.Module):
     """A network seen from a later layer, sharing `net`'s modules: `acts` runs `net`'s activations through the head's
     modules up to its last non-pooling one; `features` is the rest (pooling, flatten, dropout). With `net` an
     `OnActivations`, `acts` takes cached activations."""
-    def __init__(self, net: nn.Module):
+    def __init__(self,
+                 net:nn.Module, # a `NIWTNet` or an `OnActivations` view of one
+                ):
         super().__init__()
         kids = _children(net.head)
         last = max((i for i, k in enumerate(kids) if not isinstance(k, _POOLING)), default=-1)
@@ -54,7 +56,11 @@ def _score(run: Run, W_u: torch.Tensor, b_u: torch.Tensor) -> dict:
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float: return float(F.cosine_similarity(a.float(), b.float(), dim=1).mean())
 
-def diagnose(run: Run, sem: str | None = None, variant: str | None = None, probe_wd: float = 1e-3) -> dict:
+def diagnose(run:Run, # a finished run (`run_niwt(...)["_runs"][0]`)
+             sem:str|None=None, # semantic input (default: the run's first)
+             variant:str|None=None, # NIWT variant (default: the run's first)
+             probe_wd:float=1e-3, # weight decay of the oracle probe (a linear head fitted on the unseen test images)
+            )->dict:
     """The diagnosis ladder (see above) on a finished `run` for semantic input `sem` (default: the first) and NIWT
     `variant` (default: the first): `{rung: {"zsl_top1", "u", "s", "H", "alpha_cos"}}` plus `"reading"`, a short verdict."""
     for a in ("model", "F", "A", "niwt_art", "dom"):
@@ -63,7 +69,7 @@ def diagnose(run: Run, sem: str | None = None, variant: str | None = None, probe
     if (sem, variant) not in run.niwt_art: raise input_error("sem", f"the run has no NIWT for ({sem!r}, {variant!r})", f"use one of {list(run.niwt_art)}")
     d, art, dom, A = run.d, run.niwt_art[(sem, variant)], run.dom[sem], run.A
     sel = {**run.cfg.niwt_variants[variant], **art["selected"]}
-    d2a_cfg, a2w_cfg, norm = _niwt_settings(run.cfg, sel)
+    d2a_cfg, a2w_cfg, norm = niwt_settings(run.cfg, sel)
     W_seen, b_seen = run.model.fc.weight.detach(), run.model.fc.bias.detach()
     net, x = run.feed()
     dev = W_seen.device

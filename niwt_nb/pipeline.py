@@ -26,8 +26,9 @@ from .evaluate import (GZSLProblem, ValProblem, val_split, evaluate_gzsl, run_ba
 # %% auto #0
 __all__ = ['SEMANTICS', 'ARTIFACT_FORMAT', 'NIWT_GRID', 'NIWT_VARIANTS', 'SMALLCNN_FILE_SIZE', 'SPLITS', 'IMAGE_SUFFIXES',
            'BUNDLE_VERSION', 'build_any_model', 'pretrained', 'default_train', 'default_n_feed', 'RunConfig',
-           'parse_classes', 'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'Run', 'OnActivations',
-           'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
+           'parse_classes', 'niwt_settings', 'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'Run',
+           'trainval_features', 'OnActivations', 'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once',
+           'run_niwt']
 
 # %% ../nbs/11_pipeline.ipynb #f3dbbd01
 from .data import DATASETS, register_dataset   # the registry lives with the data (loaders register on import)
@@ -37,24 +38,29 @@ ARTIFACT_FORMAT = 3   # bump whenever a stage's stored content changes: older ca
 # real benchmarks live in their own modules and register on import
 _LAZY = {"cub": "niwt_nb.cub", "awa2": "niwt_nb.awa2", "cub_res101": "niwt_nb.features", "awa2_res101": "niwt_nb.features"}
 
-def build_any_model(model_cfg, n_seen: int):
+def build_any_model(model_cfg, # a `ModelConfig` (images) or `FeatureModelConfig` (precomputed features)
+                    n_seen:int, # number of seen classes: the classifier's rows
+                   ):
     "`build_model` for image backbones, `build_feature_model` for precomputed features (`FeatureModelConfig`)."
     if type(model_cfg).__name__ == "FeatureModelConfig":
         from niwt_nb.features import build_feature_model
         return build_feature_model(model_cfg, n_seen)
     return build_model(model_cfg, n_seen=n_seen)
 
-def pretrained(model_cfg) -> bool:
+def pretrained(model_cfg, # a model config (`ModelConfig` or `FeatureModelConfig`)
+              )->bool:
     "Whether `model_cfg` starts from trained weights (ImageNet or a file) rather than a random initialisation."
     return str(getattr(model_cfg, "weights", "random")) != "random"
 
-def default_train(model_cfg) -> TrainConfig:
+def default_train(model_cfg, # a model config: pretrained or not decides
+                 )->TrainConfig:
     """The fine-tuning a run uses when `RunConfig.train` is None: a pretrained backbone keeps its body frozen and trains
     head + classifier on cached activations (minutes on a CPU); a network from scratch trains whole."""
     if pretrained(model_cfg): return TrainConfig(mode="cached", epochs=30, lr=1e-3, bs=64, patience=5, augment=False)
     return TrainConfig(epochs=12, lr=3e-3, bs=128, patience=3)
 
-def default_n_feed(model_cfg) -> int:
+def default_n_feed(model_cfg, # a model config: pretrained or not decides
+                  )->int:
     """How many images alpha2w is fed when `RunConfig.n_feed` is None: 64 for a pretrained backbone (its per-image
     importance matrices are large; on CUB 001-025, Lite0, seed 0, validation ZSL is 0.902 with 64, 0.888 with 128 and
     0.907 with 256, the alpha2w fits taking 41, 77 and 147 s), 256 for a network from scratch."""
@@ -66,30 +72,30 @@ NIWT_VARIANTS = {"niwt": {}}                                                   #
 @dataclass(frozen=True)
 class RunConfig(Config):
     "Everything a NIWT run depends on. Stage configs are nested; `seed` overrides their seeds."
-    dataset: str = "shapes"
+    dataset: str = "shapes"               # 'shapes' (built in) or a name registered in `DATASETS` ('cub', 'awa2', ...)
     root: str | None = None                # dataset root (real benchmarks); None = $NIWT_DATA
     semantic: str = "attributes"           # one semantic input, or several comma-separated ("attributes,sent")
     encoder: str = "auto"                  # text encoder for captions: 'auto' | 'minilm' | 'tfidf'
-    seed: int = 0
+    seed: int = 0                          # the run's single seed: overrides every stage config's seed
     shapes: Config | None = None           # ShapesConfig for dataset='shapes' (None = defaults)
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = ModelConfig()     # the network (backbone, importance layer, weights)
     train: TrainConfig | None = None       # None: `default_train(model)`
-    importance: ImportanceConfig = ImportanceConfig(bs=256)
-    dom2alpha: Dom2AlphaConfig = Dom2AlphaConfig()
-    alpha2w: Alpha2WConfig = Alpha2WConfig()
+    importance: ImportanceConfig = ImportanceConfig(bs=256)   # how the seen images' importances are computed
+    dom2alpha: Dom2AlphaConfig = Dom2AlphaConfig()   # the map from domain vectors to importances
+    alpha2w: Alpha2WConfig = Alpha2WConfig()         # the inversion from importances to classifier weights
     n_feed: int | None = None              # images fed to alpha2w; None: `default_n_feed(model)`
     feed_dir: str | None = None            # alpha2w.feed='other': a folder of images from another source
     norm_match: bool = True                # rescale each new w_c to the mean seen-weight norm (see below); False = original
     select: bool = True                    # choose NIWT's settings on validation classes (`niwt_grid`), then refit on all seen
     niwt_grid: dict | None = None          # {"stage.field": [candidates]}; None: NIWT_GRID
     variants: dict | None = None           # {name: {"stage.field": value}}: NIWT rows reported; None: NIWT_VARIANTS
-    baselines: tuple = ("eszsl", "sae", "dom2w")
+    baselines: tuple = ("eszsl", "sae", "dom2w")     # baselines run on the same features and semantic inputs
     frozen_baselines: tuple = ("eszsl", "sae")   # also on the untouched pretrained network's features (pretrained only)
     explain: bool = True                   # score Grad-CAM / text / neuron names when the data has ground truth
     present_only: bool = False             # real benchmarks: keep only the classes whose images are all on disk
     classes: str | None = None             # keep only these classes: 1-based numbers in the dataset's class list, e.g. "1-10,15"
     img_size: int | None = None            # image files are decoded once to img_size x img_size (None: `decode_size`)
-    device: str | None = None
+    device: str | None = None              # 'cpu', 'cuda', 'cuda:1'...; None: CUDA when available
 
     def __post_init__(self):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -111,8 +117,8 @@ class RunConfig(Config):
         for k in ("niwt_grid", "variants"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, dict): raise input_error(k, f"expected a dict or None, got {type(v).__name__}", "see NIWT_GRID / NIWT_VARIANTS")
-        for name, over in self.niwt_variants.items(): _niwt_settings(self, over, "variants")
-        for cand in _expand(self.grid): _niwt_settings(self, cand, "niwt_grid")
+        for name, over in self.niwt_variants.items(): niwt_settings(self, over, "variants")
+        for cand in _expand(self.grid): niwt_settings(self, cand, "niwt_grid")
         if self.classes is not None: parse_classes(self.classes)
         if self.alpha2w.feed == "other" and self.feed_dir is None:
             raise input_error("feed_dir", "alpha2w.feed='other' needs a folder of images from another source", "pass feed_dir= (e.g. ImageNet images, as the original fed)")
@@ -152,13 +158,25 @@ class RunConfig(Config):
         if unknown: raise input_error("d", f"unknown RunConfig fields {sorted(unknown)} (written by another version?)", "rerun niwt_run with this version")
         return cls(**d)
 
+    @classmethod
+    def tiny(cls,
+             **overrides, # `RunConfig` fields to replace (e.g. semantic=, explain=False)
+            )->"RunConfig":
+        """A seconds-long Shapes run (24 images per class, 2 epochs, short dom2alpha and alpha2w fits, 32 fed images, no
+        baselines): the fixture that tests, examples and tutorials share. `overrides` replace any field."""
+        from niwt_nb.shapes import ShapesConfig
+        return cls(**{**dict(shapes=ShapesConfig(n_per_class=24), train=TrainConfig(epochs=2, bs=64), dom2alpha=Dom2AlphaConfig(max_epochs=50),
+                             alpha2w=Alpha2WConfig(max_steps=100), n_feed=32, baselines=()), **overrides})
+
     def seeded(self) -> "RunConfig":
         "This config with `seed` pushed into every stage config, and `train` and `n_feed` resolved."
         s = self.seed
         return dataclasses.replace(self, model=self.model.replace(seed=s), train=self.train_config.replace(seed=s), n_feed=self.feed_size,
                                    dom2alpha=self.dom2alpha.replace(seed=s), alpha2w=self.alpha2w.replace(seed=s))
 
-def parse_classes(spec: str, n_cls: int | None = None) -> list[int]:
+def parse_classes(spec:str, # 1-based class numbers and ranges, e.g. '1-10,15'
+                  n_cls:int|None=None, # the dataset's number of classes, to check against
+                 )->list[int]:
     "1-based class numbers from a spec like `'1-10,15'`, sorted and unique; checked against `n_cls` when given."
     bad = lambda why: input_error("classes", f"{spec!r} {why}", "pass 1-based class numbers and ranges, e.g. '1-10,15'")
     if not isinstance(spec, str) or not spec.strip(): raise bad("is not a class list")
@@ -179,7 +197,10 @@ def _expand(grid: dict) -> list[dict]:
         if not isinstance(v, (list, tuple)) or not v: raise input_error("niwt_grid", f"entry {k!r} is not a non-empty list", "pass e.g. {'alpha2w.lam': [1e-3, 1e-2]}")
     return [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
 
-def _niwt_settings(cfg: RunConfig, overrides: dict, arg: str = "niwt_grid") -> tuple:
+def niwt_settings(cfg:RunConfig, # the run's config
+                  overrides:dict, # `{'dom2alpha.<field>': v, 'alpha2w.<field>': v, 'norm_match': b}`
+                  arg:str="niwt_grid", # the argument named in errors ('niwt_grid' or 'variants')
+                 )->tuple:
     "`(dom2alpha config, alpha2w config, norm_match)` of `cfg` with `overrides` `{'dom2alpha.x': v, 'alpha2w.y': v, 'norm_match': b}` applied."
     d2a, a2w, norm = cfg.dom2alpha, cfg.alpha2w, cfg.norm_match
     for k, v in overrides.items():
@@ -196,7 +217,8 @@ def _niwt_settings(cfg: RunConfig, overrides: dict, arg: str = "niwt_grid") -> t
     return d2a, a2w, norm
 
 # %% ../nbs/11_pipeline.ipynb #efba97c2
-def load_dataset(cfg: RunConfig) -> ZSLData:
+def load_dataset(cfg:RunConfig, # `cfg.dataset` (and `root`, `shapes`) name the data
+                )->ZSLData:
     "The `ZSLData` named by `cfg.dataset` (validated), as its loader returns it: real benchmarks keep image *files* (see `load_run_data`)."
     if cfg.dataset == "shapes":
         from niwt_nb.shapes import ShapesConfig, make_shapes
@@ -214,7 +236,9 @@ def load_dataset(cfg: RunConfig) -> ZSLData:
 
 SMALLCNN_FILE_SIZE = 64   # smallcnn has no input size of its own: image files of mixed sizes are decoded to 64 x 64
 
-def decode_size(cfg: RunConfig, d: ZSLData | None = None) -> int | None:
+def decode_size(cfg:RunConfig, # `img_size` and the backbone decide
+                d:ZSLData|None=None, # the data (None: assume image files)
+               )->int|None:
     """The size image files are decoded to: `cfg.img_size` when given, else the backbone's natural input
     (`models.natural_input_size`: 224 for the ImageNet ResNets, VGG16 and EfficientNet-Lite0), else `SMALLCNN_FILE_SIZE`.
     None when `d`'s images are already in memory."""
@@ -236,7 +260,9 @@ def _check_semantic(sem: str, d: ZSLData):
         raise input_error("semantic", f"dataset {d.name!r} has no {sem!r} vectors (it has {sorted(d.dom)}"
                           + (" and captions" if d.captions else "") + ")", "pick one of those")
 
-def check_run(cfg: RunConfig, d: ZSLData):
+def check_run(cfg:RunConfig, # the run's config
+              d:ZSLData, # the loaded dataset (images may still be files)
+             )->nn.Module:
     """Everything about `cfg` that can be checked against `d`'s metadata, in seconds and before any image is decoded or
     any stage runs: the semantic inputs, the backbone, layer and weights (the model is built), and that the network
     takes images of the decode size. Returns the freshly built model."""
@@ -253,7 +279,10 @@ def check_run(cfg: RunConfig, d: ZSLData):
                               f"({str(e).splitlines()[0][:120]})", "pass a larger img_size (e.g. 224)") from e
     return model
 
-def load_run_data(cfg: RunConfig, store: ArtifactStore | None = None, check: bool = True):
+def load_run_data(cfg:RunConfig, # the run's config
+                  store:ArtifactStore|None=None, # cache of decoded images (None: decode every time)
+                  check:bool=True, # run `check_run` first (and build the model)
+                 )->tuple:
     """`(data, model)`: the dataset of `cfg`, checked by `check_run` (model: the freshly built network, None without
     `check`), then with image files decoded once into memory at `decode_size` (cached in `store` when given)."""
     d = load_dataset(cfg)
@@ -279,7 +308,11 @@ def load_run_data(cfg: RunConfig, store: ArtifactStore | None = None, check: boo
 # %% ../nbs/11_pipeline.ipynb #645930da
 class Run:
     "State of one NIWT run (one seed): config, store, data, and the key, timing and cache state of every stage."
-    def __init__(self, cfg: RunConfig, store: ArtifactStore | None = None, log=None):
+    def __init__(self,
+                 cfg:RunConfig, # the run's config (seeded on entry: `RunConfig.seeded`)
+                 store:ArtifactStore|None=None, # where stages cache their outputs (default: $NIWT_CACHE/artifacts)
+                 log=None, # a `print`-like callable for stage messages (None: silent)
+                ):
         if not isinstance(cfg, RunConfig): raise input_error("cfg", f"expected a RunConfig, got {type(cfg).__name__}", "pass RunConfig(...)")
         self.cfg, self.store = cfg.seeded(), store or ArtifactStore()
         self.keys, self.timings, self.cached = {}, {}, {}
@@ -387,14 +420,15 @@ def features(self: Run) -> dict:
             self.F_frozen = self.store.cached("features_frozen", key, lambda: feats(build_any_model(self.cfg.model, len(self.d.seen)).to(self.dev)))
     return self.F
 
-def _trainval(F: dict):
+def trainval_features(F:dict, # `Run.features()` output: `{split: {'features', 'labels', 'idx'}}`
+                     )->tuple:
     "Features and labels of train + val, in that order."
     return torch.cat([F["train"]["features"], F["val"]["features"]]), torch.cat([F["train"]["labels"], F["val"]["labels"]])
 
 def _val_split(self):
     "The validation problem's index sets (`evaluate.val_split`) over `train + val` rows."
     n_tr, n_va = len(self.F["train"]["labels"]), len(self.F["val"]["labels"])
-    return val_split(_trainval(self.F)[1], torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va), self.d.seen, self.d.val_classes)
+    return val_split(trainval_features(self.F)[1], torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va), self.d.seen, self.d.val_classes)
 Run.val_split = _val_split
 
 # %% ../nbs/11_pipeline.ipynb #fa0ba70e
@@ -416,7 +450,7 @@ def seen_head_val(self: Run) -> tuple:
     vs = self.val_split()
     with self.stage("seen_head_val", hash_key(self.keys["seen_model"], self.cfg.train.wd)) as key:
         def compute():
-            X, y = _trainval(self.F)
+            X, y = trainval_features(self.F)
             keep = torch.isin(self.d.seen, vs.seen)
             W, b = refit_seen_head(X[vs.idx_fit], y[vs.idx_fit], vs.seen, self.model.fc.weight.detach().cpu()[keep],
                                    self.model.fc.bias.detach().cpu()[keep], self.cfg.train.wd)
@@ -447,7 +481,9 @@ def semantic(self: Run, sem: str) -> torch.Tensor:
 # %% ../nbs/11_pipeline.ipynb #eb4891db
 class OnActivations(nn.Module):
     "A `NIWTNet` seen from its importance layer: `acts` is the identity, `features` and `fc` are the network's (for alpha2w on cached activations)."
-    def __init__(self, model: nn.Module):
+    def __init__(self,
+                 model:nn.Module, # a `NIWTNet` (or a network with `acts`, `head`, `fc`, `K`, `D`)
+                ):
         super().__init__(); self.net = model
         self.head, self.fc, self.K, self.D = model.head, model.fc, model.K, model.D
     def acts(self, A: torch.Tensor) -> torch.Tensor: return A
@@ -463,7 +499,12 @@ def _feed_files(feed_dir) -> list:
     if not files: raise input_error("feed_dir", f"{p} holds no images ({', '.join(IMAGE_SUFFIXES)})", "pass a folder of images")
     return files
 
-def alpha2w_feed(cfg: RunConfig, d: ZSLData, model: nn.Module, acts=None, device=None):
+def alpha2w_feed(cfg:RunConfig, # `alpha2w.feed`, `feed_dir`, `n_feed` and `seed` decide what is fed
+                 d:ZSLData, # the run's data (seen training images)
+                 model:nn.Module, # the fine-tuned network
+                 acts=None, # the trainval `ActivationCache` (cached fine-tuning), or None
+                 device=None, # where the fed tensors go (default: the model's device)
+                )->tuple:
     """`(network, x)` that alpha2w is fed for run config `cfg` on data `d` (see above): images, or their activations at the
     importance layer with an `OnActivations` network when fine-tuning is cached (`acts`: the trainval `ActivationCache`,
     else the body runs once on the fed images). The draw depends on `cfg.seed` only, so a bundle reproduces the run's."""
@@ -512,12 +553,12 @@ def niwt(self: Run, sem: str, variant: str = "niwt") -> dict:
             dom, vs = self.dom[sem], self.val_split()
             W_seen, b_seen = self.model.fc.weight.detach(), self.model.fc.bias.detach()
             net, x = self.feed()
-            X, y = _trainval(self.F)
+            X, y = trainval_features(self.F)
             Xv, yv = X[vs.idx_unseen], y[vs.idx_unseen]
             tr = vs.seen
             table, best, d2a_fits, a2w_fits = [], None, {}, {}
             for cand in progress(cands, f"select NIWT [{sem}] {variant}"):
-                d2a_cfg, a2w_cfg, norm = _niwt_settings(cfg, cand)
+                d2a_cfg, a2w_cfg, norm = niwt_settings(cfg, cand)
                 kd, ka = hash_key(d2a_cfg), hash_key(d2a_cfg, a2w_cfg)            # candidates that differ only after alpha2w share its fit
                 if kd not in d2a_fits: d2a_fits[kd] = fit_dom2alpha(dom, A["alphas"], A["labels"], tr, d.val_classes, d2a_cfg)
                 d2a, rep = d2a_fits[kd]
@@ -533,7 +574,7 @@ def niwt(self: Run, sem: str, variant: str = "niwt") -> dict:
                 if best is None or score > best[0]: best = (score, cand, d2a, rep, res, Wval)
             score, cand, d2a, rep, res_val, Wval = best
             rep_val = rep                                                     # the chosen fit, with its validation curves
-            d2a_cfg, a2w_cfg, norm = _niwt_settings(cfg, cand)
+            d2a_cfg, a2w_cfg, norm = niwt_settings(cfg, cand)
             if cfg.select:                                                    # refit on every seen class, as long as chosen
                 d2a, rep = fit_dom2alpha(dom, A["alphas"], A["labels"], d.seen, [], d2a_cfg.replace(max_epochs=rep["best_epoch"] + 1))
             with torch.no_grad(): alpha_pred = d2a(dom)                      # (n_cls, K) predicted importances of every class
@@ -561,7 +602,7 @@ def evaluate(self: Run, sem: str, variant: str = "niwt") -> dict:
     n_s = len(F["test_seen"]["labels"])
     test = GZSLProblem(gzsl_logits(X, torch.cat([W_seen, art["W_unseen"]]), torch.cat([b_seen, art["b_unseen"]])), y,
                        torch.cat([d.seen, d.unseen]), d.seen, d.unseen, torch.arange(n_s), torch.arange(n_s, len(y)))
-    Xv, yv = _trainval(F)
+    Xv, yv = trainval_features(F)
     rows = torch.cat([vs.idx_seen, vs.idx_unseen])
     val = ValProblem(gzsl_logits(Xv[rows], torch.cat([W_s2, art["W_val"]]), torch.cat([b_s2, art["b_val"]])), yv[rows],
                      torch.cat([vs.seen, d.val_classes]), vs.seen, vs.unseen, torch.arange(len(vs.idx_seen)), torch.arange(len(vs.idx_seen), len(rows)))
@@ -628,7 +669,9 @@ def explain(self: Run) -> dict | None:
 # %% ../nbs/11_pipeline.ipynb #7a4103aa
 BUNDLE_VERSION = 2
 
-def save_bundle(run: Run, out: str | Path) -> Path:
+def save_bundle(run:Run, # a finished run (every stage done)
+                out:str|Path, # the output folder
+               )->Path:
     "Write `out/bundle.pt` (tensors and plain values only) for a finished `Run`."
     from niwt_nb.core import atomic_torch_save
     variant = next(iter(run.cfg.niwt_variants))
@@ -649,7 +692,9 @@ def save_bundle(run: Run, out: str | Path) -> Path:
 class Bundle:
     """A finished run loaded from `bundle.pt`: `cfg`, `d` (data), `model`, `W_seen`, `b_seen`, and for the semantic input in
     use (`semantic`; switch with `use`): `W_unseen`, `b_unseen`, `d2a`, `dom`, `alpha_pred`, `encoder_name`."""
-    def __init__(self, out: str | Path):
+    def __init__(self,
+                 out:str|Path, # the output folder of a finished `niwt_run` (holds bundle.pt)
+                ):
         p = Path(out) / "bundle.pt"
         if not p.exists(): raise input_error("out", f"{p} does not exist", "pass the --out folder of a finished niwt_run")
         b = torch.load(p, map_location="cpu", weights_only=True)
@@ -689,7 +734,8 @@ class Bundle:
             f = self.model.features(self.model.acts(x))
         return gzsl_logits(f, torch.cat([self.W_seen, self.W_unseen]), torch.cat([self.b_seen, self.b_unseen]))
 
-def load_bundle(out: str | Path) -> Bundle:
+def load_bundle(out:str|Path, # the output folder of a finished `niwt_run`
+               )->Bundle:
     "Load the `bundle.pt` of a `niwt_run` output folder."
     return Bundle(out)
 
@@ -699,7 +745,10 @@ _RENAME = {"zsl": "zsl_top1", "u_cs": "u_cal", "s_cs": "s_cal", "H_cs": "H_cal"}
 def _method_row(m: dict) -> dict:
     return {_RENAME.get(k, k): v for k, v in m.items() if k != "params"}
 
-def run_once(cfg: RunConfig, store: ArtifactStore | None = None, log=None) -> dict:
+def run_once(cfg:RunConfig, # the run's config (its `seed` is the one seed run)
+             store:ArtifactStore|None=None, # artifact cache (default: $NIWT_CACHE/artifacts)
+             log=None, # `print`-like callable for stage messages (None: silent)
+            )->dict:
     "All stages for one seed; returns `{'methods', 'by_semantic', 'timings_s', 'cached', 'keys', 'extra'}` and keeps the `Run` as `['run']`."
     r = Run(cfg, store, log)
     r.data(); r.activations(); r.seen_model(); r.features(); r.alphas(); r.seen_head_val()
@@ -736,8 +785,13 @@ def _aggregate(rows: list) -> tuple[dict, dict]:
         methods[m] = {k: ms[k][0] for k in keys}; std[m] = {k: ms[k][1] for k in keys}
     return methods, std
 
-def run_niwt(cfg: RunConfig | None = None, out: str | Path | None = None, seeds=None, store: ArtifactStore | None = None,
-             log=print, report: bool = True) -> dict:
+def run_niwt(cfg:RunConfig|None=None, # the run's config (None: `RunConfig()`, Shapes)
+             out:str|Path|None=None, # folder for metrics.json, bundle.pt and report.md (None: write nothing)
+             seeds=None, # list of seeds (default `[cfg.seed]`); several give mean ± std
+             store:ArtifactStore|None=None, # artifact cache (default: $NIWT_CACHE/artifacts)
+             log=print, # `print`-like callable for progress messages
+             report:bool=True, # also write report.md (with figures) when `out` is given
+            )->dict:
     "Run NIWT and its baselines for each seed in `seeds` (default `[cfg.seed]`); write `out/metrics.json` and a report."
     cfg = RunConfig() if cfg is None else cfg
     seeds = [cfg.seed] if seeds is None else list(seeds)

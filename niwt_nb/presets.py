@@ -67,7 +67,9 @@ PRESET_NOTES = {f"{ds}_{arch}": {"source": _SRC.format("resnet" if arch == "resn
                 for ds in ("cub", "awa2") for arch in ("resnet101", "vgg16")}
 for _v in PRESET_NOTES.values(): _v.update(_COMMON_NOTES)
 
-def preset_config(name: str, **overrides) -> RunConfig:
+def preset_config(name:str, # a key of `PRESETS`, e.g. 'cub_resnet101'
+                  **overrides, # `RunConfig` fields that replace the preset's (e.g. root=, seed=)
+                 )->RunConfig:
     "The `RunConfig` of preset `name` (see `PRESETS`), with any `RunConfig` field overridden."
     if name not in PRESETS: raise input_error("name", f"unknown preset {name!r}", f"use one of {sorted(PRESETS)}")
     return RunConfig().replace(**{**PRESETS[name], **overrides})

@@ -148,14 +148,8 @@ def _screenshot(drv, path, record_property):
 
 def _tiny_shapes(tmp_path):
     from niwt_nb.core import ArtifactStore
-    from niwt_nb.shapes import ShapesConfig
-    from niwt_nb.models import TrainConfig
-    from niwt_nb.dom2alpha import Dom2AlphaConfig
-    from niwt_nb.alpha2w import Alpha2WConfig
     from niwt_nb.pipeline import RunConfig, run_niwt
-    tiny = RunConfig(shapes=ShapesConfig(n_per_class=24), train=TrainConfig(epochs=2, bs=64), dom2alpha=Dom2AlphaConfig(max_epochs=50),
-                     alpha2w=Alpha2WConfig(max_steps=100), n_feed=32, baselines=(), explain=False, semantic="attributes,captions",
-                     encoder="tfidf", select=False)
+    tiny = RunConfig.tiny(explain=False, semantic="attributes,captions", encoder="tfidf", select=False)
     run_niwt(tiny, out=tmp_path / "run", store=ArtifactStore(tmp_path / "store"), log=lambda *a: None, report=False)
     return tmp_path / "run"
 
