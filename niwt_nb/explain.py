@@ -37,12 +37,24 @@ def _pos_int(name, v, hi=None):
         want = "a positive int" if hi is None else f"an int in [1, {hi}]"
         raise input_error(name, f"expected {want}, got {v!r}", f"pass e.g. {name}={min(5, hi or 5)}")
 
-def gradcam_from_acts(model: NIWTNet, A: torch.Tensor, targets, W=None, b=None) -> torch.Tensor:
+def gradcam_from_acts(model: NIWTNet,   # network whose head scores the activations
+                      A: torch.Tensor,  # (B,K,h,w) activations at the importance layer (`model.acts(x)`)
+                      targets,          # column to explain: an int for every image, or (B,) one per image
+                      W=None,           # (C,D) classifier rows to explain instead of `model.fc`'s
+                      b=None,           # (C,) biases that go with `W`
+                     ) -> torch.Tensor:  # (B,h,w) raw maps, >= 0
     "Raw Grad-CAM maps `(B,h,w)` from activations `A (B,K,h,w)` for the `targets` columns of `model.fc` (or of `W`)."
     alpha = importances_from_acts(model, A, targets, W, b, reduce="mean")   # (B, K); validates A, targets, W
     return F.relu(torch.einsum("bk,bkhw->bhw", alpha, A.detach().to(alpha)))
 
-def gradcam(model: NIWTNet, x: torch.Tensor, targets, W=None, b=None, size=None, normalize: bool = True) -> torch.Tensor:
+def gradcam(model: NIWTNet,          # network to explain
+            x: torch.Tensor,         # (B,3,H,W) images on the model's device
+            targets,                 # column to explain: an int for every image, or (B,) one per image
+            W=None,                  # (C,D) classifier rows to explain instead of `model.fc`'s
+            b=None,                  # (C,) biases that go with `W`
+            size=None,               # size of the maps: an int, (H, W), or None for the images' size
+            normalize: bool = True,  # scale each map to max 1 (an all-zero map stays zero)
+           ) -> torch.Tensor:  # (B,H,W) maps, >= 0
     "Grad-CAM `(B,H,W)` of the `targets` columns for images `x (B,3,H,W)`, upsampled to `size` (default: the image's) and scaled to max 1 per image."
     _check_x(model, x)
     _targets(targets, x.shape[0], len(_classifier(model, W, b)[0]), x.device)   # fail before the forward pass
@@ -70,7 +82,11 @@ def _hwc(img) -> np.ndarray:
         raise input_error("img", f"expected one RGB image (3,H,W) or (H,W,3), got shape {img.shape}", "pass one image, not a batch")
     return img.astype(np.float32) / 255 if img.dtype == np.uint8 else img.astype(np.float32).clip(0, 1)
 
-def overlay(img, cam, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def overlay(img,                 # one image, (3,H,W) or (H,W,3), uint8 or float in [0, 1]
+            cam,                 # (h,w) heat map (tensor or array), resized to the image; negative values count as 0
+            alpha: float = 0.5,  # opacity of the heat map where it is at its max, in [0, 1]
+            cmap: str = "jet",   # matplotlib colour map
+           ) -> np.ndarray:  # (H,W,3) float in [0, 1]
     "RGB float array `(H,W,3)` in [0,1]: heat map `cam (h,w)` (resized to the image, scaled to max 1) blended over `img` in proportion to its value."
     import matplotlib
     im = _hwc(img)
@@ -82,7 +98,14 @@ def overlay(img, cam, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     w = alpha * c[..., None]
     return ((1 - w) * im + w * matplotlib.colormaps[cmap](c)[..., :3]).astype(np.float32)
 
-def plot_gradcam(images, cams, titles=None, masks=None, ncols: int = 6, size: float = 1.5, alpha: float = 0.5):
+def plot_gradcam(images,              # (n,3,H,W) images
+                 cams,                # (n,h,w) maps, one per image
+                 titles=None,         # n panel titles, or None
+                 masks=None,          # (n,H,W) object masks, outlined in white, or None
+                 ncols: int = 6,      # panels per row
+                 size: float = 1.5,   # panel side in inches
+                 alpha: float = 0.5,  # opacity of the maps (see `overlay`)
+                ):
     "Grid of `overlay`s of `cams (n,h,w)` on `images (n,3,H,W)`, with object outlines (`masks (n,H,W)`) and each map's peak (x). Returns the Figure."
     import matplotlib.pyplot as plt
     n = len(images)
@@ -104,7 +127,10 @@ def plot_gradcam(images, cams, titles=None, masks=None, ncols: int = 6, size: fl
     return fig
 
 # %% ../nbs/09_explain.ipynb #a4203270
-def boxes_to_masks(boxes, size, orig_size=None) -> torch.Tensor:
+def boxes_to_masks(boxes,           # (B,4) xyxy boxes in pixels of the original images
+                   size,            # size of the masks: an int or (H, W)
+                   orig_size=None,  # the original images' sizes, (h0,w0) or (B,2) (default: `size`)
+                  ) -> torch.Tensor:  # (B,H,W) bool
     "Bool masks `(B,H,W)` at `size` of xyxy `boxes (B,4)` in pixels of the original images (`orig_size`: (h0,w0) or `(B,2)`; default `size`)."
     boxes = check_tensor(boxes, "boxes", (None, 4), dtype="float").float()
     H, W = (size, size) if isinstance(size, int) else size
@@ -134,19 +160,29 @@ def _region(cams, region, orig_size):
                           "compute maps at the mask size (gradcam(..., size=)) or resize the masks (nearest)")
     return cams, (region if region.dtype == torch.bool else region > 0.5).to(cams.device)
 
-def pointing_game(cams, masks, orig_size=None, rtol: float = 1e-6) -> torch.Tensor:
+def pointing_game(cams,                # (B,H,W) maps, >= 0
+                  masks,               # (B,H,W) bool object masks, or (B,4) xyxy boxes in original-image pixels
+                  orig_size=None,      # with boxes: the original images' sizes, (h0,w0) or (B,2) (default: the maps' size)
+                  rtol: float = 1e-6,  # pixels within this relative tolerance of a map's max are its peak
+                 ) -> torch.Tensor:  # (B,) in [0, 1]
     "Per map `(B,)`: fraction of its maximal pixels inside the object (`masks (B,H,W)` or boxes `(B,4)`); 1/0 for a single peak."
     cams, m = _region(cams, masks, orig_size)
     peak = cams >= cams.amax((1, 2), keepdim=True) * (1 - rtol)              # (B, H, W) all maximal pixels
     return (peak & m).sum((1, 2)).float() / peak.sum((1, 2)).float()
 
-def energy_in_mask(cams, masks, orig_size=None) -> torch.Tensor:
+def energy_in_mask(cams,            # (B,H,W) maps, >= 0
+                   masks,           # (B,H,W) bool object masks, or (B,4) xyxy boxes in original-image pixels
+                   orig_size=None,  # with boxes: the original images' sizes, (h0,w0) or (B,2) (default: the maps' size)
+                  ) -> torch.Tensor:  # (B,) in [0, 1]
     "Per map `(B,)`: fraction of its energy inside the object (`masks (B,H,W)` or boxes `(B,4)`); an all-zero map scores as a flat one."
     cams, m = _region(cams, masks, orig_size)
     tot = cams.sum((1, 2))
     return torch.where(tot > 0, (cams * m).sum((1, 2)) / tot.clamp_min(1e-30), m.float().mean((1, 2)))
 
-def centered_blob(n: int, size, sigma: float = 0.25) -> torch.Tensor:
+def centered_blob(n: int,               # number of copies
+                  size,                 # size of the maps: an int or (H, W)
+                  sigma: float = 0.25,  # standard deviation, as a fraction of each side
+                 ) -> torch.Tensor:  # (n,H,W) in (0, 1]
     "`n` copies `(n,H,W)` of a Gaussian blob at the image centre with standard deviation `sigma` x the side: the 'objects sit in the middle' baseline map."
     H, W = (size, size) if isinstance(size, int) else tuple(size)
     yy, xx = torch.meshgrid(torch.arange(H) + 0.5 - H / 2, torch.arange(W) + 0.5 - W / 2, indexing="ij")
@@ -159,7 +195,9 @@ def _avg_ranks(x: torch.Tensor) -> torch.Tensor:
     lo, hi = torch.searchsorted(s, xt, right=False), torch.searchsorted(s, xt, right=True)
     return ((lo + hi + 1).double() / 2).T                                     # mean of ranks lo+1 .. hi
 
-def auroc(scores, labels) -> torch.Tensor:
+def auroc(scores,  # (n,) or (n,K) scores, higher = more likely positive
+          labels,  # (n,) or (n,A) binary labels (bool or 0/1)
+         ) -> torch.Tensor:  # (), (K,), (A,) or (K,A)
     "AUROC of `scores (n,)`/`(n,K)` for binary `labels (n,)`/`(n,A)`: shape `()`, `(K,)`, `(A,)` or `(K,A)`; NaN where a label column lacks positives or negatives."
     s = check_tensor(scores, "scores", dtype="float"); y = check_tensor(labels, "labels", finite=False)
     if s.ndim not in (1, 2) or y.ndim not in (1, 2): raise input_error("scores", f"expected 1-d or 2-d scores and labels, got {tuple(s.shape)} and {tuple(y.shape)}", "pass (n,) or (n, m)")
@@ -175,19 +213,27 @@ def auroc(scores, labels) -> torch.Tensor:
 # %% ../nbs/09_explain.ipynb #6cbceb88
 class Alpha2Dom(nn.Module):
     "Linear inverse map: importances `(n,K)` (rows L2-normalised) -> domain vectors in standard units `(n,d)`."
-    def __init__(self, B, x_mean, y_mean, y_std, lam: float = 0.0, report: dict | None = None):
+    def __init__(self, B,                     # (K,d) ridge coefficients: centred normalised importances -> z-scored domain vectors
+                 x_mean,                      # (K,) mean of the L2-normalised training importances
+                 y_mean,                      # (d,) mean of the training classes' domain vectors
+                 y_std,                       # (d,) their standard deviation (1 where constant)
+                 lam: float = 0.0,            # ridge strength of the fit
+                 report: dict | None = None,  # fit diagnostics (`fit_alpha2dom`: strengths tried, held-out Pearson, ...)
+                ):
         super().__init__()
         for k, v in dict(B=B, x_mean=x_mean, y_mean=y_mean, y_std=y_std).items(): self.register_buffer(k, v.detach().float().clone())
         self.lam, self.report = float(lam), dict(report or {})
     K = property(lambda self: self.B.shape[0], doc="channels of the importance layer")
     d = property(lambda self: self.B.shape[1], doc="size of the domain vectors")
 
-    def forward(self, alphas: torch.Tensor) -> torch.Tensor:
+    def forward(self, alphas: torch.Tensor,  # (n,K) importances (any scale: rows are L2-normalised)
+               ) -> torch.Tensor:  # (n,d) z-scores
         "z-scored domain vectors `(n, d)` for importances `alphas (n, K)`."
         a = check_tensor(alphas, "alphas", (None, self.K), dtype="float")
         return (F.normalize(a.to(self.B), dim=1) - self.x_mean) @ self.B
 
-    def to_dom(self, alphas: torch.Tensor) -> torch.Tensor:
+    def to_dom(self, alphas: torch.Tensor,  # (n,K) importances
+              ) -> torch.Tensor:  # (n,d) in the units of `dom`
         "Predicted domain vectors `(n, d)` in the units of `dom`."
         return self(alphas) * self.y_std + self.y_mean
 
@@ -203,7 +249,15 @@ def _class_ids(x, name, n_cls, present):
 
 def _pearson(a, b): return F.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1)
 
-def fit_alpha2dom(alphas, labels, dom, classes, val_classes=None, lams=None, refit: bool = True, k: int = 5) -> Alpha2Dom:
+def fit_alpha2dom(alphas,              # (n,K) importances of training images
+                  labels,              # (n,) their class ids (rows of `dom`)
+                  dom,                 # (n_cls,d) domain vectors of all classes
+                  classes,             # class ids to fit on (e.g. the seen training classes)
+                  val_classes=None,    # class ids held out to choose the ridge strength (disjoint from `classes`)
+                  lams=None,           # ridge strengths to choose from (one without `val_classes`; default: a grid relative to the data)
+                  refit: bool = True,  # after choosing, refit on `classes` and `val_classes` together
+                  k: int = 5,          # size of the top-k attribute overlap reported on `val_classes`
+                 ) -> Alpha2Dom:
     """Ridge map from image importances `alphas (n,K)` (class ids `labels (n,)`) to the z-scored `dom (n_cls,d)` rows
     of their classes, fitted on the images of `classes`. With `val_classes`, the ridge strength is chosen among `lams`
     (default: a grid relative to the data) by held-out Pearson, then the map is refitted on both (`refit`)."""
@@ -256,7 +310,15 @@ def _check_inv(inv, model=None, names=None):
         raise input_error("attr_names", f"expected {inv.d} names (one per column of dom), got {len(names) if isinstance(names, (list, tuple)) else type(names).__name__}",
                           "pass data.attr_names (or the caption words)")
 
-def explain_pred_from_acts(model: NIWTNet, A: torch.Tensor, target, inv: Alpha2Dom, attr_names, k: int = 5, W=None, b=None) -> dict:
+def explain_pred_from_acts(model: NIWTNet,   # network whose head runs on `A`
+                           A: torch.Tensor,  # (B,K,h,w) activations at the importance layer
+                           target,           # column to explain: an int, (B,) one per image, or None for the predicted column
+                           inv: Alpha2Dom,   # inverse map importances -> domain vectors (`fit_alpha2dom`)
+                           attr_names,       # d names, one per column of the domain vectors (attributes or caption words)
+                           k: int = 5,       # attributes per explanation
+                           W=None,           # (C,D) classifier rows to explain instead of `model.fc`'s
+                           b=None,           # (C,) biases that go with `W`
+                          ) -> dict:  # `names`, `idx` (B,k), `scores` (B,k), `target` (B,), `z` (B,d)
     """`explain_pred` from activations `A (B,K,h,w)` of the importance layer (e.g. gathered from an `ActivationCache`):
     only the head runs. Also returns `z (B,d)`, the score of every attribute."""
     _check_model(model); _check_inv(inv, model, attr_names); _pos_int("k", k, inv.d)
@@ -272,7 +334,15 @@ def explain_pred_from_acts(model: NIWTNet, A: torch.Tensor, target, inv: Alpha2D
     sc, idx = z.topk(k, dim=1)                                                 # (B, k)
     return {"names": [[attr_names[j] for j in row] for row in idx.tolist()], "idx": idx, "scores": sc, "target": t, "z": z}
 
-def explain_pred(model: NIWTNet, x: torch.Tensor, target, inv: Alpha2Dom, attr_names, k: int = 5, W=None, b=None) -> dict:
+def explain_pred(model: NIWTNet,   # network to explain
+                 x: torch.Tensor,  # (B,3,H,W) images on the model's device
+                 target,           # column to explain: an int, (B,) one per image, or None for the predicted column
+                 inv: Alpha2Dom,   # inverse map importances -> domain vectors (`fit_alpha2dom`)
+                 attr_names,       # d names, one per column of the domain vectors (attributes or caption words)
+                 k: int = 5,       # attributes per explanation
+                 W=None,           # (C,D) classifier rows to explain instead of `model.fc`'s
+                 b=None,           # (C,) biases that go with `W`
+                ) -> dict:  # `names`, `idx` (B,k), `scores` (B,k), `target` (B,), `z` (B,d)
     """Top-`k` attributes that `inv` reads from the importances of images `x (B,3,H,W)` for column `target` of
     `model.fc` (or `W`): an int, `(B,)`, or None for the predicted column. Returns names (B lists), idx `(B,k)`,
     scores `(B,k)` in standard units, target `(B,)` and z `(B,d)` (every attribute's score)."""
@@ -281,7 +351,9 @@ def explain_pred(model: NIWTNet, x: torch.Tensor, target, inv: Alpha2Dom, attr_n
     with eval_mode(model), torch.no_grad(): A = model.acts(x)                 # (B, K, h, w)
     return explain_pred_from_acts(model, A, target, inv, attr_names, k, W, b)
 
-def text_precision(idx, img_attrs) -> torch.Tensor:
+def text_precision(idx,        # (B,k) attribute indices of each explanation (`explain_pred(...)['idx']`)
+                   img_attrs,  # (B,n_attr) ground truth of the same images, > 0.5 = present
+                  ) -> torch.Tensor:  # (B,) in [0, 1]
     "Per image `(B,)`: fraction of its explanation attributes `idx (B,k)` present (> 0.5) in the ground truth `img_attrs (B,n_attr)`."
     idx = check_tensor(idx, "idx", (None, None), dtype="long"); g = check_tensor(img_attrs, "img_attrs", (None, None), dtype="float")
     if len(g) != len(idx): raise input_error("img_attrs", f"has {len(g)} rows for {len(idx)} explanations", "pass the ground truth of the explained images")
@@ -290,7 +362,8 @@ def text_precision(idx, img_attrs) -> torch.Tensor:
     return (g.to(idx.device).gather(1, idx) > 0.5).float().mean(1)
 
 # %% ../nbs/09_explain.ipynb #176fb6a2
-def class_attribute_frequency(d) -> torch.Tensor:
+def class_attribute_frequency(d,  # a dataset (`ZSLData`) with `dom['attributes']` (CUB: and `dom['attributes_raw']`)
+                             ) -> torch.Tensor:  # (n_cls,n_attr) in [0, 1]
     """Class-level attribute frequencies `(n_cls, n_attr)` in [0, 1] of a dataset: `dom['attributes_raw'] / 100` (CUB's
     percentages of a class's images showing each attribute) when present, else `dom['attributes']` (Shapes: the
     probability that an image of the class shows it)."""
@@ -300,7 +373,9 @@ def class_attribute_frequency(d) -> torch.Tensor:
     if f.min() < 0 or f.max() > 1: raise input_error("d", "its class attributes are not frequencies (0-1 or 0-100)", "provide dom['attributes_raw'] as percentages")
     return f
 
-def rank_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def rank_corr(a: torch.Tensor,  # (n,d) rows
+              b: torch.Tensor,  # (m,d) rows to correlate with
+             ) -> torch.Tensor:  # (n,m) in [-1, 1]
     "Spearman rank correlation `(n, m)` between every row of `a (n,d)` and every row of `b (m,d)` (ties share their mean rank; 0 for a constant row)."
     dims = {}
     a = check_tensor(a, "a", ("n", "d"), dims=dims, dtype="float"); b = check_tensor(b, "b", ("m", "d"), dims=dims, dtype="float")
@@ -311,7 +386,10 @@ def rank_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _STOP = set("""a an the and or of on in at to is are be this that its it with by for from as you will see set mostly often usually
 typically always invariably sometimes occasionally now then frequently commonly look picture object appears surface colour""".split())
 
-def caption_words(captions: dict, n_cls: int, min_classes: int = 2) -> tuple:
+def caption_words(captions: dict,        # class id -> list of caption strings (`data.captions`)
+                  n_cls: int,            # number of classes (the keys are 0..n_cls-1)
+                  min_classes: int = 2,  # keep words used by at least this many classes (and not by all)
+                 ) -> tuple:  # (M (n_cls,V), the V words)
     "Class-by-word matrix `(n_cls, V)` (fraction of each class's captions using a word) and the V words."
     if not isinstance(captions, dict) or sorted(captions) != list(range(n_cls)):
         raise input_error("captions", f"expected a dict with the class ids 0..{n_cls - 1} as keys", "pass data.captions")
@@ -322,18 +400,27 @@ def caption_words(captions: dict, n_cls: int, min_classes: int = 2) -> tuple:
     return M[:, keep], [w for w, k in zip(vocab, keep.tolist()) if k]
 
 # %% ../nbs/09_explain.ipynb #d98a018a
-def neuron_attributes(inv: Alpha2Dom, k: int = 3) -> torch.Tensor:
+def neuron_attributes(inv: Alpha2Dom,  # inverse map (`fit_alpha2dom`)
+                      k: int = 3,      # attributes per channel
+                     ) -> torch.Tensor:  # (K,k) attribute indices
     "`(K, k)` indices of the attributes each channel raises most through the inverse map (top of each row of `inv.B`)."
     _check_inv(inv); _pos_int("k", k, inv.d)
     return inv.B.topk(k, dim=1).indices
 
-def name_neurons(inv: Alpha2Dom, attr_names, k: int = 3, sep: str = " / ") -> list:
+def name_neurons(inv: Alpha2Dom,    # inverse map (`fit_alpha2dom`)
+                 attr_names,        # d names, one per column of the map's domain vectors
+                 k: int = 3,        # attributes per name
+                 sep: str = " / ",  # separator between a name's attributes
+                ) -> list:  # K strings
     "A name for every channel of the importance layer: its top-`k` attributes/words through the inverse map."
     _check_inv(inv, names=attr_names)
     return [sep.join(attr_names[j] for j in row) for row in neuron_attributes(inv, k).tolist()]
 
 @torch.no_grad()
-def pooled_acts(model: NIWTNet, images, bs: int = 256) -> torch.Tensor:
+def pooled_acts(model: NIWTNet,  # network
+                images,          # (n,3,H,W) images (moved to the model's device batch by batch)
+                bs: int = 256,   # batch size
+               ) -> torch.Tensor:  # (n,K) on the CPU
     "Spatially averaged activations `(n, K)` of the importance layer for `images (n,3,H,W)`, in batches (on the CPU)."
     _check_model(model); _pos_int("bs", bs)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
@@ -342,7 +429,14 @@ def pooled_acts(model: NIWTNet, images, bs: int = 256) -> torch.Tensor:
     with eval_mode(model): out = [model.acts(images[s:s + bs].to(dev)).mean((2, 3)).cpu() for s in range(0, len(images), bs)]
     return torch.cat(out) if out else torch.zeros(0, model.K)
 
-def naming_table(acts, img_attrs, names_idx, attr_names=None, acts_fit=None, attrs_fit=None, seed: int = 0):
+def naming_table(acts,             # (n,K) pooled activations of held-out images
+                 img_attrs,        # (n,n_attr) their attributes, > 0.5 = present
+                 names_idx,        # (K,) the attribute each channel is named after (`neuron_attributes(inv)[:, 0]`)
+                 attr_names=None,  # n_attr names for the `name` column (default: the index as text)
+                 acts_fit=None,    # (m,K) pooled activations of disjoint images, for the oracle
+                 attrs_fit=None,   # (m,n_attr) their attributes (with `acts_fit`)
+                 seed: int = 0,    # seed of the random names
+                ):
     """Tidy `pandas.DataFrame` (neuron, method, attr, name, auroc): the held-out AUROC of each channel's pooled
     activation `acts (n,K)` for its named attribute (`names_idx (K,)`, 'ours'), a random one ('random') and, given a
     disjoint set `acts_fit`, `attrs_fit`, the one with the best AUROC there ('oracle'). `img_attrs (n,n_attr)`: > 0.5 = present."""
@@ -367,7 +461,9 @@ def naming_table(acts, img_attrs, names_idx, attr_names=None, acts_fit=None, att
     return df
 
 # %% ../nbs/09_explain.ipynb #d81a60cf
-def plot_naming(table, ax=None):
+def plot_naming(table,    # a `naming_table` DataFrame
+                ax=None,  # Axes to draw on (default: a new figure)
+               ):
     "Box plot (one dot per neuron) of the AUROC of each naming method in a `naming_table`. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns, pandas as pd
     if not isinstance(table, pd.DataFrame) or not {"method", "auroc"} <= set(table.columns):
@@ -383,7 +479,14 @@ def plot_naming(table, ax=None):
     return ax
 
 @torch.no_grad()
-def plot_neuron(model: NIWTNet, images, neurons, names=None, n: int = 6, acts=None, size: float = 1.1):
+def plot_neuron(model: NIWTNet,     # network
+                images,             # (m,3,H,W) images to pick from
+                neurons,            # channel indices, one row each
+                names=None,         # K channel names (`name_neurons`), or None
+                n: int = 6,         # images per channel
+                acts=None,          # (m,K) pooled activations of `images` if already computed (`pooled_acts`)
+                size: float = 1.1,  # panel side in inches
+               ):
     "One row per channel in `neurons`: the `n` `images` that activate it most (pooled), its activation map overlaid, titled with its name. Returns the Figure."
     import matplotlib.pyplot as plt
     _check_model(model); _pos_int("n", n)
@@ -419,7 +522,10 @@ CUB_PART_GROUPS = {
     "has_size": (), "has_shape": (), "has_primary_color": (),
 }
 
-def attribute_parts(attr_names, part_names, groups: dict | None = None) -> tuple:
+def attribute_parts(attr_names,                  # attribute names, 'group::value'
+                    part_names,                  # the dataset's part names (`data.part_names`)
+                    groups: dict | None = None,  # attribute group -> tuple of part names (default `CUB_PART_GROUPS`)
+                   ) -> tuple:  # (set_of (n_attr,), sets)
     """Which parts each attribute is about: `(set_of (n_attr,) long, sets)`, `sets` a list of tuples of part indices
     (into `part_names`) and `set_of[a]` the position of attribute `a`'s tuple in it, -1 when its group (the text before
     `::`) names no part or is not in `groups` (default `CUB_PART_GROUPS`)."""
@@ -442,7 +548,9 @@ def attribute_parts(attr_names, part_names, groups: dict | None = None) -> tuple
         set_of.append(sets.index(s))
     return torch.tensor(set_of, dtype=torch.long), sets
 
-def peak_locations(A: torch.Tensor, size) -> tuple:
+def peak_locations(A: torch.Tensor,  # (n,K,h,w) activations
+                   size,             # the images' size: an int or (H, W)
+                  ) -> tuple:  # (values (n,K), xy (n,K,2))
     """Each channel's peak in activations `A (n,K,h,w)` of images of `size` (H, W): its value `(n,K)` and its location
     `(n,K,2)` (x, y in image pixels: the centre of the peak cell; the first cell on ties)."""
     A = check_tensor(A, "A", (None, None, None, None), dtype="float")
@@ -452,7 +560,11 @@ def peak_locations(A: torch.Tensor, size) -> tuple:
     xy = torch.stack([(i % w + 0.5) * (W / w), (i // w + 0.5) * (H / h)], -1)  # (n, K, 2) image pixels
     return val, xy.float()
 
-def part_hits(peak_xy: torch.Tensor, parts: torch.Tensor, sets: list, radius: float) -> tuple:
+def part_hits(peak_xy: torch.Tensor,  # (n,K,2) each channel's peak (x, y) in image pixels (`peak_locations`)
+              parts: torch.Tensor,    # (n,P,3) part locations (x, y, visible) in the same pixels
+              sets: list,             # S tuples of part indices (`attribute_parts(...)[1]`)
+              radius: float,          # hit distance in pixels
+             ) -> tuple:  # (hits (n,K,S), visible (n,S))
     """Is each channel's peak near a part set? `peak_xy (n,K,2)`, part locations `parts (n,P,3)` (x, y, visible) in the same
     pixels, `sets` tuples of part indices. Returns `hits (n,K,S)` bool (the peak lies within `radius` pixels of a visible
     part of set s) and `visible (n,S)` bool (set s has a visible part)."""
@@ -468,7 +580,11 @@ def part_hits(peak_xy: torch.Tensor, parts: torch.Tensor, sets: list, radius: fl
     near = (torch.cdist(peak_xy, parts[..., :2]) <= radius) & vis[:, None]    # (n, K, P)
     return (near.float() @ M) > 0, (vis.float() @ M) > 0
 
-def part_consistency(peak_val: torch.Tensor, hits: torch.Tensor, visible: torch.Tensor, top: float = 0.2) -> torch.Tensor:
+def part_consistency(peak_val: torch.Tensor,  # (n,K) each channel's peak activation in each image
+                     hits: torch.Tensor,      # (n,K,S) bool, from `part_hits`
+                     visible: torch.Tensor,   # (n,S) bool, from `part_hits`
+                     top: float = 0.2,        # fraction of each channel's most activating images that is checked
+                    ) -> torch.Tensor:  # (K,S) hit rates
     """`(K,S)` hit rate of each channel for each part set: over the images where set s is visible, the fraction of the
     channel's `top` most activating ones (by `peak_val (n,K)`) whose peak is near the set (`hits (n,K,S)`, `visible
     (n,S)` from `part_hits`). NaN for a set never visible."""
@@ -486,7 +602,12 @@ def part_consistency(peak_val: torch.Tensor, hits: torch.Tensor, visible: torch.
         out[:, s] = h.gather(0, ti).float().mean(0)
     return out
 
-def part_table(M, name_sets, attr_sets, M_fit=None, set_names=None):
+def part_table(M,               # (K,S) part-consistency matrix (`part_consistency`)
+               name_sets,       # (K,) set of each channel's name, -1 = none
+               attr_sets,       # (n_attr,) set of each attribute, -1 = none (`attribute_parts(...)[0]`)
+               M_fit=None,      # (K,S) the same on disjoint images, for the oracle
+               set_names=None,  # S names for the `parts` column (default: the index as text)
+              ):
     """Tidy `pandas.DataFrame` (neuron, method, set, parts, score) of the part-consistency matrix `M (K,S)` for the channels
     named with a part (`name_sets (K,)`: set index of each channel's name, -1 = none): 'ours' (the named set), 'random'
     (the expectation over a uniformly random localisable attribute, `attr_sets (n_attr,)` as from `attribute_parts`),
@@ -531,13 +652,13 @@ class PartConsistency:
     peak_val: torch.Tensor          # (m,K) peak activation of each channel on the naming images
     peak_xy: torch.Tensor           # (m,K,2) its location, pixels of the images as fed
     parts: torch.Tensor             # (m,P,3) part locations of the naming images, same pixels
-    radius: float                   # pixels
-    top: float
+    radius: float                   # hit distance, pixels of the images as fed
+    top: float                      # fraction of each channel's most activating images checked
 
 @dataclass
 class RunExplanations:
     "Explanations of a finished NIWT `Run` (see `collect_explanations`); `.metrics()` summarises them."
-    model: NIWTNet
+    model: NIWTNet                  # the run's network
     class_names: list               # (C,) class name of every column of the classifier [seen ; unseen]
     idx: torch.Tensor               # (n,) explained image ids
     unseen: torch.Tensor            # (n,) bool: image of an unseen class
@@ -547,15 +668,15 @@ class RunExplanations:
     region: torch.Tensor | None     # (n,H,W) bool object masks (or boxes), None without ground truth
     scores: dict                    # name -> (n,) per-image scores
     expl: dict                      # explain_pred of the predicted columns
-    inv: Alpha2Dom
+    inv: Alpha2Dom                  # inverse map importances -> attributes, fitted on the seen training classes
     vocab: list                     # attribute names
-    neuron_names: list              # (K,)
+    neuron_names: list              # (K,) channel names (`name_neurons`: top 3 attributes)
     naming: object                  # naming_table DataFrame, or None without image attributes
     naming_idx: torch.Tensor        # (m,) held-out image ids the names were scored on
     naming_acts: torch.Tensor       # (m,K) their pooled activations
     neuron_importance: torch.Tensor # (K,) mean |class-mean alpha| over the seen classes
-    data: object                    # the run's ZSLData and the size images are resized to (for plots)
-    img_size: int | None = None
+    data: object                    # the run's ZSLData (plots read its images)
+    img_size: int | None = None     # side the images are resized to (None: as stored)
     parts: PartConsistency | None = None   # None without part locations (or no attribute names a part)
     acts: object = None             # the run's ActivationCache when it was used (plots read maps from it)
 
@@ -659,9 +780,18 @@ def _part_scores(inv, names, d, te, fi, S_te, S_fi, img_size, size, radius, top,
     return PartConsistency(sets, set_names, attr_sets, name_sets, name_attrs, M, M_fit, part_table(M, name_sets, attr_sets, M_fit, set_names),
                            S_te["val"], S_te["xy"], P_te, r, float(top))
 
-def collect_explanations(run, n_images: int = 200, k: int = 5, n_naming: int = 2000, seed: int = 0, bs: int = 64,
-                         radius: float = 0.125, top: float = 0.2, threshold: float = 0.5, margin: float = 0.2,
-                         part_groups: dict | None = None) -> RunExplanations:
+def collect_explanations(run,                              # a finished pipeline `Run` (`run_niwt(cfg, ...)['_runs'][0]`)
+                         n_images: int = 200,              # test images explained, at most this many unseen and as many seen
+                         k: int = 5,                       # attributes per textual explanation
+                         n_naming: int = 2000,             # held-out images that score the neuron names (and training images for the oracle)
+                         seed: int = 0,                    # seed of the image draws
+                         bs: int = 64,                     # batch size
+                         radius: float = 0.125,            # part hit distance, as a fraction of the image side
+                         top: float = 0.2,                 # fraction of each channel's most activating images checked against the parts
+                         threshold: float = 0.5,           # class attribute frequency from which an attribute counts as the class's
+                         margin: float = 0.2,              # how much more frequent than over the seen training classes a distinctive attribute is
+                         part_groups: dict | None = None,  # attribute group -> part names (default `CUB_PART_GROUPS`)
+                        ) -> RunExplanations:
     """Grad-CAM, textual explanations and neuron names of a finished pipeline `Run`, scored against its dataset's ground
     truth (see above). Uses `run.acts` (an `ActivationCache` of the run's model) when present instead of running the body.
     `radius` (fraction of the image side) and `top` set the part-consistency score, `threshold` the class attributes
@@ -739,7 +869,13 @@ def collect_explanations(run, n_images: int = 200, k: int = 5, n_naming: int = 2
                            name_neurons(inv, names, 3), naming, te, S_te["pooled"], run.A["class_mean"].nan_to_num(0).abs().mean(0).cpu(),
                            d, img_size, parts, acts)
 
-def explain_run(run, n_images: int = 200, k: int = 5, n_naming: int = 2000, seed: int = 0, **kw) -> dict:
+def explain_run(run,                   # a finished pipeline `Run`
+                n_images: int = 200,   # test images explained per split (see `collect_explanations`)
+                k: int = 5,            # attributes per textual explanation
+                n_naming: int = 2000,  # images that score the neuron names
+                seed: int = 0,         # seed of the image draws
+                **kw,                  # more `collect_explanations` arguments: bs, radius, top, threshold, margin, part_groups
+               ) -> dict:  # JSON-ready scores (`RunExplanations.metrics`)
     "Explanation scores of a finished pipeline `Run`, for metrics.json: `collect_explanations(run, ...).metrics()`."
     return collect_explanations(run, n_images, k, n_naming, seed, **kw).metrics()
 
@@ -749,7 +885,9 @@ def _short_attr(a: str) -> str:
     g, _, v = a.rpartition("::")
     return (g.removeprefix("has_").replace("_", " ") + ": " if g else "") + v.replace("_", " ")
 
-def plot_part_naming(table, ax=None):
+def plot_part_naming(table,    # a `part_table` DataFrame (e.g. `ex.parts.table`)
+                     ax=None,  # Axes to draw on (default: a new figure)
+                    ):
     "Box plot (one dot per named neuron) of the part-consistency score of each method in a `part_table`. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns, pandas as pd
     if not isinstance(table, pd.DataFrame) or not {"method", "score"} <= set(table.columns):
@@ -765,7 +903,12 @@ def plot_part_naming(table, ax=None):
     return ax
 
 @torch.no_grad()
-def plot_neuron_parts(ex: RunExplanations, neurons=None, n: int = 5, patch: float = 0.6, size: float = 1.1):
+def plot_neuron_parts(ex: RunExplanations,  # `collect_explanations` result with part scores
+                      neurons=None,         # channels whose name has a part, one row each (default: the 4 most important of them)
+                      n: int = 5,           # images per channel
+                      patch: float = 0.6,   # crop around the peak, as a fraction of the image side
+                      size: float = 1.1,    # panel side in inches
+                     ):
     """One row per channel (default: the 4 most important ones whose name has a part): the `n` held-out images where the
     named part is visible that activate it most, cropped to a `patch` (fraction of the image side) around its peak, its map
     overlaid, the named part's locations (cyan o), the other visible parts (white .) and the hit radius around the peak."""
@@ -809,7 +952,10 @@ def plot_neuron_parts(ex: RunExplanations, neurons=None, n: int = 5, patch: floa
     fig.subplots_adjust(wspace=0.03, hspace=0.05, left=2.2 / (n * size + 2.2))
     return fig
 
-def plot_explanations(ex: RunExplanations, n: int = 12, n_neurons: int = 4) -> dict:
+def plot_explanations(ex: RunExplanations,  # `collect_explanations` result
+                      n: int = 12,          # unseen test images in the Grad-CAM figure
+                      n_neurons: int = 4,   # most important channels shown with their top images
+                     ) -> dict:  # figure name -> Figure
     """The report's figures (name -> Figure): Grad-CAM of unseen test photos (up to `n`, classes in turn) with the object,
     the true and predicted class and the top attributes; text scores; neuron names (AUROC, part consistency) and the
     `n_neurons` most important neurons' top images (with part locations when the data has them)."""

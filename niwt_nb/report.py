@@ -14,7 +14,9 @@ __all__ = ['EXPLANATION_ROWS', 'plot_training', 'metrics_table', 'semantics_tabl
            'explanation_table']
 
 # %% ../nbs/10_report.ipynb #f41b8c83
-def plot_training(history: dict, ax=None):
+def plot_training(history: dict,  # `train_seen`'s history: `train_loss` and `val_acc` per epoch
+                  ax=None,        # matplotlib Axes to draw on (default: a new figure)
+                 ):
     "Train loss and held-out seen accuracy per epoch of `train_seen`'s history; returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
     if not isinstance(history, dict) or "train_loss" not in history:
@@ -38,7 +40,9 @@ def _fmt(m: dict, s: dict | None, k: str) -> str:
     sd = (s or {}).get(k)
     return f"{v:.3f} ± {sd:.3f}" if sd else f"{v:.3f}"
 
-def metrics_table(metrics: dict, keys=("u", "s", "H", "zsl_top1", "u_cal", "s_cal", "H_cal", "ausuc")) -> str:
+def metrics_table(metrics: dict,                                                         # the dict written to metrics.json
+                  keys=("u", "s", "H", "zsl_top1", "u_cal", "s_cal", "H_cal", "ausuc"),  # the columns: keys of each method's entry ('–' where missing)
+                 ) -> str:  # markdown
     "Markdown table of `metrics['methods']` (mean ± std when several seeds ran)."
     if "methods" not in metrics: raise input_error("metrics", "has no 'methods'", "pass the dict written to metrics.json")
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -46,7 +50,9 @@ def metrics_table(metrics: dict, keys=("u", "s", "H", "zsl_top1", "u_cal", "s_ca
         lines.append(f"| {name} | " + " | ".join(_fmt(m, metrics.get("std", {}).get(name), k) for k in keys) + " |")
     return "\n".join(lines)
 
-def semantics_table(metrics: dict, keys=("H", "zsl_top1", "H_cal")) -> str:
+def semantics_table(metrics: dict,                    # the dict written to metrics.json (needs `by_semantic`)
+                    keys=("H", "zsl_top1", "H_cal"),  # metrics shown for each semantic input
+                   ) -> str:  # markdown
     "Markdown table: one row per method, `keys` for every semantic input side by side (the paper's attributes-vs-captions comparison)."
     by = metrics.get("by_semantic") or {}
     if not by: raise input_error("metrics", "has no 'by_semantic'", "pass the dict written to metrics.json")
@@ -57,7 +63,8 @@ def semantics_table(metrics: dict, keys=("H", "zsl_top1", "H_cal")) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-def selection_table(metrics: dict) -> str:
+def selection_table(metrics: dict,  # the dict written to metrics.json (its `selected`: seed -> semantic -> variant -> choice)
+                   ) -> str:  # markdown
     "Markdown table of the NIWT settings chosen on validation classes, per seed, semantic input and variant."
     rows = ["| seed | semantic | variant | chosen settings | validation ZSL top-1 | candidates |", "|---|---|---|---|---|---|"]
     for seed, by in (metrics.get("selected") or {}).items():
@@ -67,7 +74,10 @@ def selection_table(metrics: dict) -> str:
                 rows.append(f"| {seed} | {sem} | {v} | {st} | {sel['val_zsl']:.3f} | {len(sel['table'])} |")
     return "\n".join(rows)
 
-def write_report(metrics: dict, run, out: str | Path) -> Path:
+def write_report(metrics: dict,    # the dict written to metrics.json
+                 run,              # the finished pipeline `Run` (histories, test problem, importances, explanations)
+                 out: str | Path,  # folder for the PNGs and `report.md` (created if missing)
+                ) -> Path:  # `out / 'report.md'`
     "Write figures (PNG) and `report.md` for a finished `Run` into `out`; returns the report path."
     import matplotlib; matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -139,7 +149,8 @@ EXPLANATION_ROWS = (   # (score, key, baselines {label: key}): a row is shown wh
     ("neuron fires at its named part", "part_hit", {"random names": "part_hit_random", "random channel": "part_hit_random_channel",
                                                      "oracle": "part_hit_oracle"}))
 
-def explanation_table(e: dict) -> str:
+def explanation_table(e: dict,  # `metrics['explain']`: score name -> value (see `EXPLANATION_ROWS`)
+                     ) -> str:  # markdown (or a line saying there are no scores)
     "Markdown table of the explanation scores in `e` (`metrics['explain']`) that the run has, each beside its baselines."
     if not isinstance(e, dict): raise input_error("e", f"expected the dict metrics['explain'], got {type(e).__name__}", "pass metrics['explain']")
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v

@@ -25,14 +25,16 @@ _WHOLE = {"", "primary", "overall", "main", "body"}                        # par
 PART_SYNONYMS = {"beak": "bill", "feet": "leg", "foot": "leg", "chest": "breast", "stomach": "belly", "cap": "crown"}
 _WORD = re.compile(r"\w\w+|[,;.!?]")
 
-def attribute_phrase(name: str) -> str:
+def attribute_phrase(name: str,  # attribute name, 'group::value' or a plain word
+                    ) -> str:
     "A readable phrase for an attribute name: `'colour::red'` -> `'red colour'`, `'has_bill_shape::curved_(up_or_down)'` -> `'curved (up or down) bill shape'`."
     if not isinstance(name, str) or not name.strip(): raise input_error("name", f"expected a non-empty attribute name, got {name!r}", "pass e.g. 'colour::red'")
     group, _, value = name.rpartition("::")
     clean = lambda s: " ".join(re.sub(r"^has_", "", s).replace("_", " ").split())
     return f"{clean(value)} {clean(group)}".strip()
 
-def attribute_part(name: str) -> str | None:
+def attribute_part(name: str,  # attribute name, 'group::value' or a plain word
+                  ) -> str | None:
     "The part an attribute describes: `'has_bill_color::yellow'` -> `'bill'`, `'has_upper_tail_color::red'` -> `'upper tail'`; None for the whole object (`'colour::red'`, `'has_primary_color::red'`, `'has_size::large'`, ungrouped `'black'`)."
     attribute_phrase(name)                                                  # same checks
     group = name.rpartition("::")[0]
@@ -53,7 +55,9 @@ def _ngrams(text: str, n: int = 3) -> list:
     toks = [t for t in _tokens(text) if t not in _STOP]
     return list(dict.fromkeys(" ".join(toks[i:i + k]) for k in range(1, n + 1) for i in range(len(toks) - k + 1)))
 
-def text_segments(text: str, parts=()) -> list:
+def text_segments(text: str,  # free text
+                  parts=(),   # part names words can be about, e.g. `['bill', 'upper tail']`
+                 ) -> list:
     """`[(part or None, words)]`: `text` cut into clauses, and each clause into runs of words about one of `parts`
     (e.g. `['bill', 'upper tail']`; a word describes the next part named after it in its clause, else the last one
     before it, else the whole object, None). Function words are dropped."""
@@ -87,7 +91,11 @@ def text_segments(text: str, parts=()) -> list:
 # %% ../nbs/14_widgets.ipynb #0c7689f0
 class AttributeTextMap:
     "Reads free text as attributes: word n-grams about each attribute's part matched to attribute phrases by `encoder` cosine, or by stemmed word overlap (`'words'`)."
-    def __init__(self, attr_names, encoder="words", threshold: float | None = None, margin: float = 0.05):
+    def __init__(self, attr_names,                # the vocabulary: attribute names, 'group::value' (`data.attr_names`)
+                 encoder="words",                 # 'words' (stemmed word overlap) or a text encoder with `.encode` and `.name` (e.g. `MiniLMEncoder()`)
+                 threshold: float | None = None,  # lowest score of a match (default: 1.0 with 'words', 0.6 with an encoder)
+                 margin: float = 0.05,            # how much a group's best value must beat its second one to be selected
+                ):
         if not isinstance(attr_names, (list, tuple)) or not attr_names:
             raise input_error("attr_names", f"expected a non-empty list of attribute names, got {type(attr_names).__name__}", "pass data.attr_names")
         if (encoder != "words") if isinstance(encoder, str) else not (hasattr(encoder, "encode") and hasattr(encoder, "name")):
@@ -103,14 +111,16 @@ class AttributeTextMap:
         if encoder != "words":
             P = encoder.encode([" ".join(re.sub(r"\(.*?\)", " ", ph).split()) for ph in self.phrases])   # (n_attr, e), details in parentheses dropped
             self._P = P / P.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    method = property(lambda self: "words" if self.encoder == "words" else self.encoder.name)
+    method = property(lambda self: "words" if self.encoder == "words" else self.encoder.name, doc="'words', or the encoder's name.")
 
-    def grams(self, text: str) -> list:
+    def grams(self, text: str,  # free text
+             ) -> list:
         "`[(part, n-gram)]` of `text`: 1- to 3-word n-grams inside each segment of `text_segments`."
         segs = text_segments(text, self.part_names)
         return list(dict.fromkeys((p, " ".join(ws[i:i + k])) for p, ws in segs for k in (1, 2, 3) for i in range(len(ws) - k + 1)))
 
-    def scores(self, text: str) -> tuple:
+    def scores(self, text: str,  # free text (not empty)
+              ) -> tuple:  # (scores (n_attr,), best n-gram per attribute ('' if none))
         "Per attribute `(n_attr,)`: its best score over the n-grams of `text` about its part, and that n-gram."
         if not isinstance(text, str) or not text.strip(): raise input_error("text", "is empty", "describe the class in a few words")
         grams = self.grams(text)
@@ -125,7 +135,8 @@ class AttributeTextMap:
         best = torch.where(torch.isinf(best), torch.zeros_like(best), best)
         return best, [grams[i][1] if about[i, j] else "" for j, i in enumerate(arg.tolist())]
 
-    def __call__(self, text: str) -> dict:
+    def __call__(self, text: str,  # free text describing a class (not empty)
+                ) -> dict:
         "`{'selected': attribute indices, 'groups': mentioned groups, 'scores', 'via': n-gram per attribute, 'matched': [(phrase, n-gram, score)], 'segments'}`."
         s, via = self.scores(text)
         words = self.encoder == "words"
@@ -143,7 +154,9 @@ class AttributeTextMap:
                 "matched": [(self.phrases[j], via[j], round(float(s[j]), 3)) for j in selected],
                 "segments": [(p, " ".join(ws)) for p, ws in text_segments(text, self.part_names)]}
 
-    def to_dom(self, match: dict, ref: torch.Tensor) -> torch.Tensor:
+    def to_dom(self, match: dict,  # a `__call__` result
+               ref: torch.Tensor,  # (n_cls,n_attr) reference rows: selected attributes get their max, the rest of a mentioned group its min, others the mean
+              ) -> torch.Tensor:  # (n_attr,)
         "Domain vector `(n_attr,)` for a `__call__` result, in the units of `ref (n_cls, n_attr)` (e.g. the seen classes' rows)."
         ref = check_tensor(ref, "ref", (None, len(self.names)), dtype="float").float()
         v = ref.mean(0).clone()
@@ -163,7 +176,13 @@ def _ridge(X: torch.Tensor, Y: torch.Tensor, lam: float) -> tuple:
 class DomBridge:
     "Ridge map from semantic space `src (n_cls, a)` to `dst (n_cls, b)` fitted on classes `fit`; `report` scores it on classes `held_out`."
     LAMS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)                               # ridge strengths, times the mean squared norm of src rows
-    def __init__(self, src, dst, fit, held_out=None, src_name: str = "src", dst_name: str = "dst"):
+    def __init__(self, src,              # (n_cls,a) every class in the source space (e.g. attributes)
+                 dst,                    # (n_cls,b) the same classes in the target space
+                 fit,                    # at least 3 class ids to fit on (e.g. `data.seen`)
+                 held_out=None,          # class ids to score the map on in `report` (e.g. `data.unseen`)
+                 src_name: str = "src",  # name of the source space (for `describe` and errors)
+                 dst_name: str = "dst",  # name of the target space
+                ):
         src = check_tensor(src, "src", ("n_cls", None), dtype="float").double()
         dst = check_tensor(dst, "dst", (src.shape[0], None), dtype="float").double()
         fit = torch.as_tensor(fit, dtype=torch.long).reshape(-1)
@@ -189,7 +208,8 @@ class DomBridge:
                                mean_cos=float(F.cosine_similarity(self.my[None].expand_as(B), dst[held_out].float(), dim=1).mean()),
                                nearest_right=int((sims.argmax(1) == held_out).sum()))
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, v: torch.Tensor,  # (n,a) or (a,) vectors of the source space
+                ) -> torch.Tensor:  # (n,b) or (b,)
         "Bridged vectors `(n, b)` (or `(b,)`) of `v (n, a)` (or `(a,)`)."
         v = check_tensor(torch.as_tensor(v), "v", None, dtype="float").float()
         if v.shape[-1] != len(self.mx): raise input_error("v", f"expected {len(self.mx)} values per vector, got shape {tuple(v.shape)}", f"pass {self.src_name} vectors")
@@ -313,7 +333,8 @@ class NIWTExplorer:
 
 # %% ../nbs/14_widgets.ipynb #46cc2069
 @patch
-def use(self: NIWTExplorer, semantic: str) -> NIWTExplorer:
+def use(self: NIWTExplorer, semantic: str,  # one of `.semantics`
+       ) -> NIWTExplorer:  # itself
     "Switch to semantic input `semantic`: its unseen rows (and new classes' rows), dom2alpha and gamma; the widgets follow."
     if semantic not in self.semantics: raise input_error("semantic", f"this run has no {semantic!r} (it has {self.semantics})", f"use one of {self.semantics}")
     self.semantic = semantic
@@ -368,7 +389,10 @@ def _check_column(self: NIWTExplorer, column: int) -> int:
     return int(column)
 
 @patch
-def scores(self: NIWTExplorer, image: int, calibrate: bool = False, semantic: str | None = None) -> torch.Tensor:
+def scores(self: NIWTExplorer, image: int,  # image id, an index into the run's data (e.g. one of `.image_ids`)
+           calibrate: bool = False,         # subtract the input's gamma from the seen columns (calibrated stacking)
+           semantic: str | None = None,     # semantic input of the run (default: the one in use)
+          ) -> torch.Tensor:  # (C,) one per column of `.columns`
     "Scores `(C,)` of `image` for every column `[seen ; unseen ; new]` under `semantic` (-inf for a new class without a row there); `calibrate` subtracts its gamma from seen ones."
     sem = self._sem_arg(semantic)
     x = self._x([self._check_image(image)])
@@ -379,7 +403,11 @@ def scores(self: NIWTExplorer, image: int, calibrate: bool = False, semantic: st
     return s.masked_fill(~self._available(sem), float("-inf"))            # no row: never predicted
 
 @patch
-def predict(self: NIWTExplorer, image: int, calibrate: bool = False, top: int = 5, semantic: str | None = None) -> dict:
+def predict(self: NIWTExplorer, image: int,  # image id, an index into the run's data (e.g. one of `.image_ids`)
+            calibrate: bool = False,         # subtract the input's gamma from the seen columns (calibrated stacking)
+            top: int = 5,                    # how many columns the `top` entry lists
+            semantic: str | None = None,     # semantic input of the run (default: the one in use)
+           ) -> dict:
     "Top-`top` columns of `image` with softmax probabilities over all columns, its true column and the predicted one."
     s = self.scores(image, calibrate, semantic); p = s.softmax(0)
     v, j = p.topk(min(top, len(p)))
@@ -390,7 +418,10 @@ def predict(self: NIWTExplorer, image: int, calibrate: bool = False, top: int = 
             "semantic": self._sem_arg(semantic)}
 
 @patch
-def explain(self: NIWTExplorer, image: int, column: int, semantic: str | None = None) -> dict:
+def explain(self: NIWTExplorer, image: int,  # image id, an index into the run's data (e.g. one of `.image_ids`)
+            column: int,                     # column to explain, an index into `.columns`
+            semantic: str | None = None,     # semantic input of the run (default: the one in use)
+           ) -> dict:
     "Grad-CAM `(H,W)` of `column` on `image` under `semantic`, its `n_neurons` most important channels (alpha, name) and the top-`k` words of its importances."
     from niwt_nb.explain import gradcam, explain_pred
     from niwt_nb.importance import importances
@@ -418,7 +449,10 @@ def explain(self: NIWTExplorer, image: int, column: int, semantic: str | None = 
     return {**out, "cam": cam, "cam_empty": bool(cam.max() == 0), "alpha": alpha, "neurons": neurons, "words": words, "sentence": sentence}
 
 @patch
-def compare(self: NIWTExplorer, image: int, column: int | None = None, calibrate: bool = False) -> dict:
+def compare(self: NIWTExplorer, image: int,  # image id, an index into the run's data (e.g. one of `.image_ids`)
+            column: int | None = None,       # column to explain (default: the prediction under the input in use)
+            calibrate: bool = False,         # subtract the input's gamma from the seen columns (calibrated stacking)
+           ) -> dict:
     """`{semantic: ...}` for every semantic input of the run, side by side: its prediction for `image`, the probability,
     Grad-CAM `cam` and top channels of `column` (default: the prediction under the input in use) under it."""
     image = self._check_image(image)
@@ -438,7 +472,9 @@ def _from_files(self: NIWTExplorer) -> bool:
     return bool("files" in m and m.get("image_root") and m.get("decode") in ("crop", "square"))
 
 @patch
-def photo(self: NIWTExplorer, image: int, size: int | None = None) -> torch.Tensor:
+def photo(self: NIWTExplorer, image: int,  # image id, an index into the run's data (e.g. one of `.image_ids`)
+          size: int | None = None,         # side in pixels of a photo decoded again (default `display_size`); in-memory images come as stored
+         ) -> torch.Tensor:  # uint8 (3,S,S)
     "Image `image` as shown, uint8 `(3, S, S)`: its file decoded again at `size` (default `display_size`) with the run's crop, or the network's input when the images live in memory."
     from niwt_nb.xlsa17 import decode_images
     image, size = self._check_image(image), size or self.display_size
@@ -450,7 +486,8 @@ def photo(self: NIWTExplorer, image: int, size: int | None = None) -> torch.Tens
     return self._photos[(image, size)]
 
 @patch
-def describe(self: NIWTExplorer, class_id: int) -> str:
+def describe(self: NIWTExplorer, class_id: int,  # class id, an index into `data.classes`
+            ) -> str:
     "The run's semantic input for class `class_id` as text: its captions under a captions input, else its strongest attributes (one per group)."
     if not isinstance(class_id, int) or not 0 <= class_id < self.d.n_cls:
         raise input_error("class_id", f"expected a class id in [0, {self.d.n_cls}), got {class_id!r}", "pass an index into data.classes")
@@ -505,7 +542,8 @@ def _attribute_space(self: NIWTExplorer, semantic: str) -> bool:
     return self.d.attr_names is not None and semantic != "captions" and self._sem[semantic]["dom"].shape[1] == len(self.d.attr_names)
 
 @patch
-def bridge_to(self: NIWTExplorer, semantic: str) -> DomBridge:
+def bridge_to(self: NIWTExplorer, semantic: str,  # a semantic input with no text encoder (e.g. 'sent')
+             ) -> DomBridge:
     "The `DomBridge` attributes -> `semantic` fitted on the seen classes (reported on the unseen ones), or an error saying why there is none."
     sem, d = self._sem_arg(semantic), self.d
     if sem not in self._bridges:
@@ -520,7 +558,8 @@ def bridge_to(self: NIWTExplorer, semantic: str) -> DomBridge:
     return self._bridges[sem]
 
 @patch
-def text_support(self: NIWTExplorer, semantic: str | None = None) -> dict:
+def text_support(self: NIWTExplorer, semantic: str | None = None,  # semantic input of the run (default: the one in use)
+                ) -> dict:
     "`{'ok': bool, 'how': str}`: whether and how free text reaches `semantic` (the reason when it cannot), without reading any text."
     sem = self._sem_arg(semantic)
     if sem == "captions": return {"ok": True, "how": f"embedded with the run's {self._sem[sem]['encoder_name']} encoder"}
@@ -534,7 +573,9 @@ def text_support(self: NIWTExplorer, semantic: str | None = None) -> dict:
     return {"ok": True, "how": f"has no text encoder: read as attributes, then bridged by {br.describe()}"}
 
 @patch
-def text_to_dom(self: NIWTExplorer, text: str, semantic: str | None = None) -> dict:
+def text_to_dom(self: NIWTExplorer, text: str,  # free text describing a class (not empty)
+                semantic: str | None = None,    # semantic input of the run (default: the one in use)
+               ) -> dict:
     "Domain vector `(d,)` for free `text` in semantic space `semantic` (default: the one in use): `{'dom', 'how', 'matched', 'segments'}`."
     if not isinstance(text, str) or not text.strip(): raise input_error("text", "is empty", "describe the class in a few words")
     sem, d = self._sem_arg(semantic), self.d
@@ -557,7 +598,8 @@ def text_to_dom(self: NIWTExplorer, text: str, semantic: str | None = None) -> d
     return {"dom": v, "how": f"{how}, then bridged to {sem} by {br.describe()}", "matched": m["matched"], "segments": m["segments"]}
 
 @patch
-def settings(self: NIWTExplorer, sem: str | None = None) -> dict:
+def settings(self: NIWTExplorer, sem: str | None = None,  # semantic input of the run (default: the one in use)
+            ) -> dict:
     "What the run chose for semantic input `sem` (default: the one in use): `a2w` (Alpha2WConfig), `norm_match`, `selected`, `gamma`."
     sem = self.semantic if sem is None else sem
     if sem not in self._sem: raise input_error("sem", f"{sem!r} is not a semantic input of this run", f"use one of {self.semantics}")
@@ -572,7 +614,11 @@ def feed(self: NIWTExplorer) -> tuple:
     return self._feed
 
 @patch
-def add_class(self: NIWTExplorer, name: str, text: str | None = None, dom=None, source: int | None = None) -> dict:
+def add_class(self: NIWTExplorer, name: str,  # name of the new column (made unique with ' (2)', ...)
+              text: str | None = None,        # free-text description
+              dom=None,                       # (d,) domain vector in the semantic space in use
+              source: int | None = None,      # class id whose semantic inputs in the run are used (give exactly one of text, dom, source)
+             ) -> dict:
     """A new unseen class `name` from free `text`, a domain vector `dom (d,)` of the input in use, or the run's semantic
     inputs of class `source`: for every semantic input that can take it, dom2alpha -> alpha -> `fit_alpha2w` (fast) ->
     one more classifier row. Returns what was done (`by_semantic`, and the reason for each input left out in `missing`)."""
