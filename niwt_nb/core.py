@@ -21,21 +21,35 @@ __all__ = ['NIWTInputError', 'input_error', 'check_tensor', 'import_torchvision'
 # %% ../nbs/00_core.ipynb #daf24cf4
 class NIWTInputError(ValueError):
     "Bad input to a niwt_nb function: the message names the argument, the problem and the fix (also kept as `.arg`, `.problem`, `.fix`)."
-    def __init__(self, msg: str, arg: str | None = None, problem: str | None = None, fix: str | None = None):
+    def __init__(self,
+                 msg: str,                   # the full message, `arg: problem. Fix: fix`
+                 arg: str | None = None,     # name of the offending argument (or flag, field, file)
+                 problem: str | None = None, # what was wrong with it
+                 fix: str | None = None):    # how to fix it
         super().__init__(msg)
         self.arg, self.problem, self.fix = arg, problem, fix
 
-    def renamed(self, arg: str) -> "NIWTInputError":
+    def renamed(self,
+                arg: str, # the name to report instead, e.g. `'--encoder'` for `encoder`
+               ) -> "NIWTInputError":
         "The same error naming `arg` instead (e.g. the command-line flag a user typed for a function argument)."
         return input_error(arg, self.problem, self.fix) if self.problem is not None else self
 
-def input_error(arg: str, problem: str, fix: str) -> NIWTInputError:
+def input_error(arg: str,     # name of the offending argument
+                problem: str, # what was wrong, e.g. "has 5 rows but there are 4 classes"
+                fix: str,     # how to fix it, e.g. "pass one row per class"
+               ) -> NIWTInputError:
     "Build a `NIWTInputError` with the house format: `arg: problem. Fix: fix`."
     return NIWTInputError(f"`{arg}`: {problem}. Fix: {fix}", arg, problem, fix)
 
 # %% ../nbs/00_core.ipynb #f0b29757
-def check_tensor(x, name: str, shape: Sequence | None = None, finite: bool = True, dims: dict | None = None,
-                 dtype: str | None = None) -> torch.Tensor:
+def check_tensor(x,                           # the value to check: a tensor or numpy array
+                 name: str,                   # argument name used in error messages
+                 shape: Sequence | None = None, # expected shape: int sizes, `None` = any size, str = a named size shared via `dims`
+                 finite: bool = True,         # refuse NaN/inf in a floating tensor
+                 dims: dict | None = None,    # `{dim name: size}` shared across calls; filled in with the sizes seen
+                 dtype: str | None = None,    # `'float'`: convert integers to float32; `'long'`: require integers, return int64
+                ) -> torch.Tensor:            # `x` as a tensor (converted as `dtype` asks)
     "Return `x` as a tensor after checking its `shape` (ints, `None` = any, str = named dim shared via `dims`) and values."
     if isinstance(x, np.ndarray): x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -110,13 +124,15 @@ def cache_root() -> Path:
 class temp_env:
     """Set environment variables (a value of None unsets one) and put the old values back afterwards: a context
     manager, or `env = temp_env(...).start()` ... `env.stop()` where one `with` cannot span the code (a notebook)."""
-    def __init__(self, **values):
+    def __init__(self,
+                 **values): # `NAME=value` pairs: a str or path sets the variable, None unsets it
         for k, v in values.items():
             if v is not None and not isinstance(v, (str, os.PathLike)):
                 raise input_error(k, f"environment values must be str, a path or None, got {type(v).__name__}", f"pass {k}=str(value)")
         self.values, self.old = values, None
 
     def start(self) -> "temp_env":
+        "Set the variables (remembering the old values); returns `self`."
         if self.old is not None: raise input_error("temp_env", "already started", "call stop() first, or use a new temp_env")
         self.old = {k: os.environ.get(k) for k in self.values}
         for k, v in self.values.items():
@@ -125,6 +141,7 @@ class temp_env:
         return self
 
     def stop(self) -> None:
+        "Put the old values back (a no-op when not started)."
         for k, v in (self.old or {}).items():
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
@@ -134,14 +151,16 @@ class temp_env:
     def __exit__(self, *exc): self.stop()
 
 # %% ../nbs/00_core.ipynb #a0a805db
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, # the seed for python, numpy and torch
+                   ) -> torch.Generator:
     "Seed python, numpy and torch (CPU and CUDA); return a `torch.Generator` seeded with `seed` for local use."
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise input_error("seed", f"expected an int, got {seed!r}", "pass an integer seed")
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     return torch.Generator().manual_seed(int(seed))
 
-def get_device(device: str | torch.device | None = None) -> torch.device:
+def get_device(device: str | torch.device | None = None, # e.g. `'cpu'`, `'cuda:0'`; None: CUDA when available
+              ) -> torch.device:
     "`device` if given, else CUDA when available, else CPU. Asking for CUDA without a GPU is an error."
     if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -151,7 +170,8 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
 
 # %% ../nbs/00_core.ipynb #6b572ae7
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module, # the model to switch to eval mode for the duration of the `with` block
+             ):
     "Context manager: put `model` in eval mode, restore each submodule's previous `training` flag afterwards."
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -161,7 +181,9 @@ def eval_mode(model: nn.Module):
         for m, t in modes: m.training = t
 
 # %% ../nbs/00_core.ipynb #13d3b6e0
-def get_layer(model: nn.Module, name: str) -> nn.Module:
+def get_layer(model: nn.Module, # the network to look in
+              name: str,         # dotted path from `model.named_modules()`, e.g. `'layer4.0'`
+             ) -> nn.Module:
     "The submodule of `model` at dotted path `name`; a wrong name raises with the closest valid names."
     if not isinstance(name, str):
         raise input_error("layer", f"expected a dotted name like 'layer4.0', got {type(name).__name__}", "pass a string")
@@ -184,22 +206,32 @@ def _jsonable(v):
 @dataclass(frozen=True)
 class Config:
     "Base class of all stage configs: frozen dataclass with `to_dict`, `hash` and `replace`."
-    def to_dict(self) -> dict: return _jsonable(self)
-    def hash(self, n: int = 12) -> str:
+    def to_dict(self) -> dict:
+        "The fields as plain JSON-friendly values (nested configs as dicts, tuples and paths as lists and strings)."
+        return _jsonable(self)
+    def hash(self,
+             n: int = 12, # number of hex digits to keep
+            ) -> str:
+        "Stable content hash of the class name and the fields."
         s = json.dumps({"type": type(self).__name__, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(s.encode()).hexdigest()[:n]
-    def replace(self, **kw):
+    def replace(self,
+                **kw): # fields to change, e.g. `lr=0.1`; an unknown field name is an error
+        "A copy with the fields in `kw` changed."
         bad = set(kw) - {f.name for f in fields(self)}
         if bad: raise input_error(type(self).__name__, f"unknown field(s) {sorted(bad)}", f"use one of {[f.name for f in fields(self)]}")
         return dataclasses.replace(self, **kw)
 
-def hash_key(*parts) -> str:
+def hash_key(*parts, # configs (hashed with `Config.hash`), strings, numbers and containers of them
+            ) -> str:
     "Stable 12-hex-digit hash of configs, strings and numbers (for chaining stage keys)."
     s = json.dumps([p.hash() if isinstance(p, Config) else _jsonable(p) for p in parts], sort_keys=True)
     return hashlib.sha256(s.encode()).hexdigest()[:12]
 
 # %% ../nbs/00_core.ipynb #3f9bf3d3
-def atomic_write_bytes(path: Path, data: bytes):
+def atomic_write_bytes(path: Path, # destination file (its folder is created)
+                       data: bytes, # the content
+                      ):
     "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -211,14 +243,21 @@ def atomic_write_bytes(path: Path, data: bytes):
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
 
-def atomic_write_text(path: Path, text: str): atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, # destination file (its folder is created)
+                      text: str,  # the content, written as UTF-8
+                     ):
+    "Write `text` to `path` atomically (see `atomic_write_bytes`)."
+    atomic_write_bytes(path, text.encode())
 
-def atomic_torch_save(obj, path: Path):
+def atomic_torch_save(obj,        # what `torch.save` accepts
+                      path: Path, # destination file (its folder is created)
+                     ):
     "`torch.save(obj)` to `path` atomically."
     import io
     buf = io.BytesIO(); torch.save(obj, buf); atomic_write_bytes(path, buf.getvalue())
 
 def package_version() -> str:
+    "The installed `niwt_nb.__version__`, or `'unknown'`."
     try:
         from niwt_nb import __version__
         return __version__
@@ -227,15 +266,37 @@ def package_version() -> str:
 # %% ../nbs/00_core.ipynb #bfced858
 class ArtifactStore:
     "Content-addressed, atomically written artifacts: `root/stage/key.pt` plus `root/stage/key.json` sidecar."
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self,
+                 root: str | Path | None = None, # the store's folder; None: `cache_root() / 'artifacts'`
+                ):
         self.root = Path(root) if root is not None else cache_root() / "artifacts"
 
-    def path(self, stage: str, key: str) -> Path: return self.root / stage / f"{key}.pt"
-    def sidecar(self, stage: str, key: str) -> Path: return self.root / stage / f"{key}.json"
-    def exists(self, stage: str, key: str) -> bool:
+    def path(self,
+             stage: str, # stage name, e.g. `'alphas'`
+             key: str,   # the stage's content key (`hash_key` of what it depends on)
+            ) -> Path:
+        "The artifact file `root/stage/key.pt`."
+        return self.root / stage / f"{key}.pt"
+    def sidecar(self,
+                stage: str, # stage name
+                key: str,   # the stage's content key
+               ) -> Path:
+        "The JSON sidecar `root/stage/key.json`, written after the artifact."
+        return self.root / stage / f"{key}.json"
+    def exists(self,
+               stage: str, # stage name
+               key: str,   # the stage's content key
+              ) -> bool:
+        "True when the artifact and its sidecar are both there (a finished save)."
         return self.path(stage, key).exists() and self.sidecar(stage, key).exists()
 
-    def save(self, stage: str, key: str, obj, config: Config | dict | None = None, extra: dict | None = None) -> Path:
+    def save(self,
+             stage: str,                         # stage name
+             key: str,                           # the stage's content key
+             obj,                                # tensors, numbers, strings, lists and dicts of them
+             config: Config | dict | None = None, # recorded in the sidecar
+             extra: dict | None = None,          # more sidecar entries
+            ) -> Path:                           # the artifact file
         "Save `obj` (tensors, numbers, strings, lists and dicts of them) atomically; the sidecar is written last."
         p = self.path(stage, key)
         atomic_torch_save(obj, p)
@@ -245,10 +306,18 @@ class ArtifactStore:
         atomic_write_text(self.sidecar(stage, key), json.dumps(meta, indent=1, sort_keys=True))
         return p
 
-    def meta(self, stage: str, key: str) -> dict:
+    def meta(self,
+             stage: str, # stage name
+             key: str,   # the stage's content key
+            ) -> dict:
+        "The sidecar of `stage/key`: stage, key, version, torch, config, created and the `extra` entries."
         return json.loads(self.sidecar(stage, key).read_text())
 
-    def load(self, stage: str, key: str, map_location="cpu"):
+    def load(self,
+             stage: str,          # stage name
+             key: str,            # the stage's content key
+             map_location="cpu",  # passed to `torch.load`
+            ):
         "Load an artifact with `weights_only=True`, checking that its sidecar names the same stage and key."
         p = self.path(stage, key)
         if not self.exists(stage, key):
@@ -263,14 +332,24 @@ class ArtifactStore:
             raise input_error("artifact", f"{p} cannot be loaded safely ({type(e).__name__}: {e})",
                               "delete the file and rerun the stage") from e
 
-    def cached(self, stage: str, key: str, fn: Callable[[], Any], config=None, extra=None):
+    def cached(self,
+               stage: str,              # stage name
+               key: str,                # the stage's content key
+               fn: Callable[[], Any],   # computes the artifact when it is not stored yet
+               config=None,             # recorded in the sidecar when saving
+               extra=None,              # more sidecar entries when saving
+              ):
         "Load `stage/key` if finished, else compute `fn()`, save it and return it."
         if self.exists(stage, key): return self.load(stage, key)
         obj = fn(); self.save(stage, key, obj, config, extra)
         return obj
 
 # %% ../nbs/00_core.ipynb #26368df4
-def progress(it: Iterable, desc: str = "", total: int | None = None, leave: bool = False, **kw):
+def progress(it: Iterable,             # what to iterate over
+             desc: str = "",           # label shown before the bar
+             total: int | None = None, # number of items when `len(it)` is unknown
+             leave: bool = False,      # keep the finished bar on screen
+             **kw):                    # more `tqdm` arguments
     "A tqdm progress bar over `it`, disabled when the environment variable `NIWT_QUIET` is set."
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, total=total, leave=leave, disable=bool(os.environ.get("NIWT_QUIET")), **kw)

@@ -32,7 +32,7 @@ class Dom2AlphaConfig(Config):
     norm_reg: float = 0.0       # weight of the original's |1/2 sum_i ||pred_i||^2 - 1/2 sum_i ||alpha_i||^2| per batch
     center_alphas: bool = False # learn the class-specific part of the alphas around their mean direction (not in the original)
     init: str = "default"       # 'default': PyTorch's init; 'normal': every weight and bias ~ N(0, 1) (the original's linear map)
-    seed: int = 0
+    seed: int = 0               # seeds the initialisation and the mini-batch order (the global random state is left alone)
 
     def __post_init__(self):
         if self.arch not in _ARCHS: raise input_error("arch", f"unknown architecture {self.arch!r}", f"use one of {_ARCHS}")
@@ -50,7 +50,11 @@ class Dom2AlphaConfig(Config):
 # %% ../nbs/06_dom2alpha.ipynb #b29df70b
 class Dom2Alpha(nn.Module):
     "Map domain vectors `(n, d)` to importances `(n, K)`: a linear layer or a one-hidden-layer MLP."
-    def __init__(self, d: int, K: int, cfg: Dom2AlphaConfig | None = None):
+    def __init__(self,
+                 d: int,                            # size of a domain vector
+                 K: int,                            # number of importances (neurons) per class
+                 cfg: Dom2AlphaConfig | None = None, # architecture and options; None: `Dom2AlphaConfig()`
+                ):
         super().__init__()
         cfg = cfg or Dom2AlphaConfig()
         self.d, self.K, self.normalize_dom, self.centered = d, K, cfg.normalize_dom, cfg.center_alphas
@@ -61,13 +65,17 @@ class Dom2Alpha(nn.Module):
         if self.centered:  # set by fit_dom2alpha; saved with the state dict
             self.register_buffer("center", torch.zeros(K)); self.register_buffer("radius", torch.ones(()))
 
-    def raw(self, dom: torch.Tensor) -> torch.Tensor:
+    def raw(self,
+            dom: torch.Tensor, # (n, d) domain vectors, one row per class
+           ) -> torch.Tensor:
         "The network's output `(n, K)`: the importances themselves, or their class-specific part when centred."
         dom = check_tensor(dom, "dom", shape=(None, self.d), dtype="float")
         if self.normalize_dom: dom = F.normalize(dom, dim=1)
         return self.net(dom)
 
-    def forward(self, dom: torch.Tensor) -> torch.Tensor:
+    def forward(self,
+                dom: torch.Tensor, # (n, d) domain vectors, one row per class
+               ) -> torch.Tensor:
         "Predicted importances `(n, K)` for domain vectors `dom` `(n, d)` (one row per class)."
         out = self.raw(dom)  # (n, K)
         return self.center + self.radius * F.normalize(out, dim=1) if self.centered else out
@@ -97,7 +105,9 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
         out[r] = (end - (cnt.double() - 1) / 2)[inv]
     return out
 
-def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def spearman_rows(a: torch.Tensor, # (n, K)
+                  b: torch.Tensor, # (n, K), compared row by row with `a`
+                 ) -> torch.Tensor: # (n,) correlations
     "Spearman rank correlation between matching rows of `a` and `b` `(n, K)` -> `(n,)`."
     a = check_tensor(a, "a", shape=("n", "K"), dtype="float"); b = check_tensor(b, "b", shape=tuple(a.shape), dtype="float")
     return F.cosine_similarity(*(r - r.mean(1, keepdim=True) for r in (_ranks(a), _ranks(b))), dim=1).to(a.dtype)
@@ -121,7 +131,13 @@ def _centered_report(pred, alphas, labels, classes, u_bar):
     m = torch.stack([F.normalize(alphas[labels == c], dim=1).mean(0) for c in classes.tolist()])  # (n, K)
     return F.cosine_similarity(F.normalize(pred, dim=1) - u_bar, m - u_bar, dim=1).mean().item()
 
-def fit_dom2alpha(dom, alphas, alpha_labels, train_classes, val_classes, cfg: Dom2AlphaConfig | None = None):
+def fit_dom2alpha(dom,                               # (n_cls, d) domain vector of every class
+                  alphas,                            # (n_img, K) importances of each image
+                  alpha_labels,                      # (n_img,) class id of each row of `alphas` (a row of `dom`)
+                  train_classes,                     # class ids to fit on
+                  val_classes,                       # held-out class ids for early stopping; empty: fixed `cfg.max_epochs`
+                  cfg: Dom2AlphaConfig | None = None, # hyperparameters; None: `Dom2AlphaConfig()`
+                 ) -> tuple:                         # `(model, report)`: the fitted `Dom2Alpha` (eval mode) and a dict of metrics
     """Fit `Dom2Alpha` on image-level pairs `(dom[alpha_labels[i]], alphas[i])` of `train_classes` with the cosine loss,
     early-stopping on the images of `val_classes` (empty: exactly `cfg.max_epochs` epochs, the last one kept).
     `dom` `(n_cls, d)` covers all classes; `alphas` `(n_img, K)`; `alpha_labels` `(n_img,)` class ids. Returns `(model, report)`."""
@@ -209,7 +225,9 @@ def fit_dom2alpha(dom, alphas, alpha_labels, train_classes, val_classes, cfg: Do
     return model, report
 
 # %% ../nbs/06_dom2alpha.ipynb #e3bc52db
-def plot_dom2alpha_history(report: dict, ax=None):
+def plot_dom2alpha_history(report: dict, # the report returned by `fit_dom2alpha`
+                           ax=None,      # matplotlib Axes to draw on; None: a new figure
+                          ):
     "Training and held-out cosine loss per epoch, with the selected epoch marked. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
     if not isinstance(report, dict) or "history" not in report:

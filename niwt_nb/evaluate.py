@@ -40,7 +40,10 @@ def _per_class_mean(correct: torch.Tensor, y: torch.Tensor) -> float:
     hits = torch.zeros(len(cnt), dtype=torch.float64, device=y.device).index_add_(0, inv, correct.double())
     return float((hits / cnt).mean())
 
-def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, classes: torch.Tensor | None = None) -> float:
+def per_class_accuracy(pred: torch.Tensor,                  # (N,) predicted class ids
+                       y: torch.Tensor,                     # (N,) true class ids
+                       classes: torch.Tensor | None = None, # allowed class ids: a label outside them is an error (None: no check)
+                      ) -> float:                           # mean over the classes in `y` of their top-1 accuracy
     "Mean over the classes present in `y` of per-class top-1 accuracy of predicted class ids `pred`; `classes` lists the allowed labels."
     pred = check_tensor(pred, "pred", shape=(None,), dtype="long"); y = check_tensor(y, "y", shape=(None,), dtype="long")
     if len(pred) != len(y): raise input_error("pred", f"has {len(pred)} predictions but `y` has {len(y)} labels", "pass one prediction per label")
@@ -52,7 +55,9 @@ def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, classes: torch.Tenso
     return _per_class_mean(pred == y, y)
 
 # %% ../nbs/08_evaluate.ipynb #3d7ac2b1
-def harmonic_mean(u: float, s: float) -> float:
+def harmonic_mean(u: float, # unseen accuracy in [0, 1]
+                  s: float, # seen accuracy in [0, 1]
+                 ) -> float:
     "`2us / (u + s)`, and 0 when `u + s == 0`."
     for nm, v in (("u", u), ("s", s)):
         if not 0 <= v <= 1: raise input_error(nm, f"accuracy {v!r} is not in [0, 1]", "pass fractions, not percentages")
@@ -102,11 +107,15 @@ class GZSLProblem:
     @property
     def seen_cols(self) -> torch.Tensor: return torch.isin(self.col_classes, self.seen)  # (C,) bool
 
-    def calibrated(self, gamma: float = 0.0) -> torch.Tensor:
+    def calibrated(self,
+                   gamma: float = 0.0, # subtracted from every seen-class column
+                  ) -> torch.Tensor:   # (n, C) calibrated scores
         "Scores with `gamma` subtracted from every seen-class column (calibrated stacking)."
         return self.scores - float(gamma) * self.seen_cols.to(self.scores.dtype)
 
-    def metrics(self, gamma: float = 0.0) -> dict:
+    def metrics(self,
+                gamma: float = 0.0, # calibration subtracted from seen-class scores; 0: plain GZSL
+               ) -> dict:
         "`{'u', 's', 'H'}` after subtracting `gamma` from seen-class scores (0: plain GZSL)."
         S = self.calibrated(gamma)
         acc = lambda idx: per_class_accuracy(self.col_classes[S[idx].argmax(1)], self.y[idx])
@@ -118,11 +127,23 @@ class GZSLProblem:
         return zsl_top1(self.scores, self.y, self.col_classes, self.unseen, self.idx_unseen)
 
 # %% ../nbs/08_evaluate.ipynb #e81dd72e
-def gzsl_metrics(scores, y, col_classes, seen, unseen, idx_seen, idx_unseen) -> dict:
+def gzsl_metrics(scores,      # (n, C) scores, columns in the order of `col_classes`
+                 y,           # (n,) true class ids
+                 col_classes, # (C,) class id of each column
+                 seen,        # seen class ids
+                 unseen,      # unseen class ids
+                 idx_seen,    # rows of test_seen images
+                 idx_unseen,  # rows of test_unseen images
+                ) -> dict:
     "GZSL `{'u', 's', 'H'}`: per-class top-1 over all classes on rows `idx_unseen` (u) and `idx_seen` (s), `H = 2us/(u+s)`."
     return GZSLProblem(scores, y, col_classes, seen, unseen, idx_seen, idx_unseen).metrics()
 
-def zsl_top1(scores, y, col_classes, unseen, idx_unseen) -> float:
+def zsl_top1(scores,      # (n, C) scores, columns in the order of `col_classes`
+             y,           # (n,) true class ids
+             col_classes, # (C,) class id of each column (must include every unseen class)
+             unseen,      # unseen class ids: the argmax is taken among their columns only
+             idx_unseen,  # rows of test_unseen images
+            ) -> float:
     "ZSL per-class top-1 on rows `idx_unseen`, the argmax taken over the columns of `unseen` classes only (others ignored)."
     S = check_tensor(scores, "scores", shape=(None, None), finite=False, dtype="float")
     y = check_tensor(y, "y", shape=(None,), dtype="long").cpu()
@@ -141,6 +162,7 @@ def zsl_top1(scores, y, col_classes, unseen, idx_unseen) -> float:
 # %% ../nbs/08_evaluate.ipynb #3f487c9d
 class ValProblem(GZSLProblem):
     "A GZSL problem built from validation data only: `unseen` = held-out seen classes, `idx_seen` = held-out images of the other seen classes."
+    __delwrap__ = GZSLProblem  # for docments/show_doc: the fields and their comments are GZSLProblem's
 
 @dataclass(frozen=True)
 class ValSplit:
@@ -151,7 +173,12 @@ class ValSplit:
     idx_seen: torch.Tensor    # 'val' images of `seen` (held out from fitting)
     idx_unseen: torch.Tensor  # 'train' + 'val' images of the val classes
 
-def val_split(labels, train, val, seen, val_classes) -> ValSplit:
+def val_split(labels,      # (n,) class id of every trainval image
+              train,       # rows of `labels` in the train part of trainval
+              val,         # rows of `labels` in the val part of trainval (disjoint from `train`)
+              seen,        # seen class ids
+              val_classes, # the seen classes held out to play unseen
+             ) -> ValSplit:
     "Validation index sets from image `labels`, the `train`/`val` partition of trainval, `seen` classes and `val_classes` (a subset of seen)."
     labels = check_tensor(labels, "labels", shape=(None,), dtype="long").cpu()
     train, val = _ids(train, "train", len(labels), "image"), _ids(val, "val", len(labels), "image")
@@ -191,7 +218,9 @@ def _curve(P: GZSLProblem):
     s = torch.cat([ws.flip(0).cumsum(0).flip(0), z])[torch.cat([end.new_zeros(1), end])]  # suffix sums: s = 0 at +inf
     return {"gamma": torch.cat([d.new_full((1,), -math.inf), uniq]), "u": u.clamp(0, 1), "s": s.clamp(0, 1)}
 
-def choose_gamma(val: ValProblem, gammas: Sequence[float] | None = None) -> float:
+def choose_gamma(val: ValProblem,                     # a validation problem (never test data)
+                 gammas: Sequence[float] | None = None, # candidate values; None: exact search over all breakpoints
+                ) -> float:
     "The calibration `gamma` maximising H on a *validation* problem (exact search over breakpoints, or over `gammas`)."
     if not isinstance(val, ValProblem):
         raise input_error("val", f"expected a ValProblem, got {type(val).__name__}",
@@ -212,27 +241,44 @@ def choose_gamma(val: ValProblem, gammas: Sequence[float] | None = None) -> floa
     return float(g[best[g[best].abs().argmin()]])
 
 # %% ../nbs/08_evaluate.ipynb #c8879355
-def seen_unseen_curve(scores, y, col_classes, seen, unseen, idx_seen, idx_unseen) -> dict:
+def seen_unseen_curve(scores,      # (n, C) scores, columns in the order of `col_classes`
+                      y,           # (n,) true class ids
+                      col_classes, # (C,) class id of each column
+                      seen,        # seen class ids
+                      unseen,      # unseen class ids
+                      idx_seen,    # rows of test_seen images
+                      idx_unseen,  # rows of test_unseen images
+                     ) -> dict:
     "Exact seen-unseen accuracy curve over all calibration breakpoints: `{'gamma', 'u', 's'}` (m+1,) float64, u rising, s falling."
     return _curve(GZSLProblem(scores, y, col_classes, seen, unseen, idx_seen, idx_unseen))
 
-def ausuc(scores, y, col_classes, seen, unseen, idx_seen, idx_unseen) -> float:
+def ausuc(scores,      # (n, C) scores, columns in the order of `col_classes`
+          y,           # (n,) true class ids
+          col_classes, # (C,) class id of each column
+          seen,        # seen class ids
+          unseen,      # unseen class ids
+          idx_seen,    # rows of test_seen images
+          idx_unseen,  # rows of test_unseen images
+         ) -> float:
     "Area under the seen-unseen accuracy curve (Chao et al. 2016), trapezoidal in u."
     c = seen_unseen_curve(scores, y, col_classes, seen, unseen, idx_seen, idx_unseen)
     return float(torch.trapezoid(c["s"], c["u"]))
 
 # %% ../nbs/08_evaluate.ipynb #dd93ed43
-def evaluate_gzsl(test: GZSLProblem, val: ValProblem | None = None) -> dict:
-    "All test metrics: u, s, H, zsl, ausuc; with a validation problem also gamma (chosen on `val`) and u_cs, s_cs, H_cs."
+def evaluate_gzsl(test: GZSLProblem,              # the test problem
+                  val: ValProblem | None = None, # validation problem to choose gamma on; None: no calibrated metrics
+                 ) -> dict:
+    "All test metrics: u, s, H, zsl_top1, ausuc; with a validation problem also gamma (chosen on `val`) and u_cal, s_cal, H_cal."
     if not isinstance(test, GZSLProblem): raise input_error("test", f"expected a GZSLProblem, got {type(test).__name__}", "wrap scores with GZSLProblem(...)")
     c = _curve(test)
-    out = {**test.metrics(), "zsl": test.zsl(), "ausuc": float(torch.trapezoid(c["s"], c["u"]))}
+    out = {**test.metrics(), "zsl_top1": test.zsl(), "ausuc": float(torch.trapezoid(c["s"], c["u"]))}
     if val is not None:
         gamma = choose_gamma(val)
-        out.update(gamma=gamma, **{f"{k}_cs": v for k, v in test.metrics(gamma).items()})
+        out.update(gamma=gamma, **{f"{k}_cal": v for k, v in test.metrics(gamma).items()})
     return out
 
-def mean_std(results: Sequence[dict]) -> dict:
+def mean_std(results: Sequence[dict], # one metric dict per run (seed), all with the same keys
+            ) -> dict:
     "`{metric: (mean, std)}` over a list of metric dicts with the same keys (sample std; 0 for one run)."
     if isinstance(results, dict) or not len(results): raise input_error("results", "expected a non-empty list of metric dicts", "pass e.g. [{'H': 0.5}, {'H': 0.52}]")
     keys = list(results[0])
@@ -244,7 +290,9 @@ def mean_std(results: Sequence[dict]) -> dict:
         out[k] = (float(v.mean()), float(v.std()) if len(v) > 1 else 0.0)
     return out
 
-def fmt_mean_std(ms, digits: int = 3) -> str:
+def fmt_mean_std(ms,              # `(mean, std)` or a plain number
+                 digits: int = 3, # digits after the decimal point
+                ) -> str:
     "Format `(mean, std)` (or a plain number) as `'0.512 ± 0.013'`."
     if isinstance(ms, (int, float)): return f"{ms:.{digits}f}"
     m, s = ms
@@ -269,13 +317,25 @@ def _check_scorer_input(X, col_classes, D, n_cls):
 
 class ESZSL:
     "ESZSL scorer: `scores = X V S^T` with `V (D, a)` and the class domain vectors `dom`."
-    def __init__(self, V: torch.Tensor, dom: torch.Tensor): self.V, self.dom = V, dom
-    def __call__(self, X, col_classes) -> torch.Tensor:
+    def __init__(self,
+                 V: torch.Tensor,   # (D, d) fitted bilinear map
+                 dom: torch.Tensor, # (n_cls, d) domain vector of every class
+                ): self.V, self.dom = V, dom
+    def __call__(self,
+                 X,           # (n, D) features
+                 col_classes, # (C,) class ids to score
+                ) -> torch.Tensor:
         "Scores `(n, C)` of images `X (n, D)` for classes `col_classes (C,)`."
         X, col = _check_scorer_input(X, col_classes, self.V.shape[0], len(self.dom))
         return (X.double() @ self.V @ self.dom[col].double().T).to(X.dtype)  # (n, C)
 
-def fit_eszsl(X, y, dom, train_classes, gamma: float = 1.0, lam: float = 1.0) -> ESZSL:
+def fit_eszsl(X,                   # (n, D) features
+              y,                   # (n,) class ids among `train_classes`
+              dom,                 # (n_cls, d) domain vector of every class
+              train_classes,       # class ids to fit on (each needs an image)
+              gamma: float = 1.0,  # > 0, feature-side regulariser
+              lam: float = 1.0,    # > 0, semantic-side regulariser
+             ) -> ESZSL:
     "ESZSL closed form fitted on features `X (n, D)` with labels `y` among `train_classes`; `gamma`/`lam` regularise the feature/semantic side."
     X, y, dom, tc = _fit_inputs(X, y, dom, train_classes)
     for nm, v in (("gamma", gamma), ("lam", lam)):
@@ -294,8 +354,15 @@ SAE_SPACES = ("semantic", "feature")
 
 class SAE:
     "SAE scorer: cosine similarity in semantic space (`W x` vs `dom`) or feature space (`x` vs `W^T dom`)."
-    def __init__(self, W: torch.Tensor, dom: torch.Tensor, space: str): self.W, self.dom, self.space = W, dom, space
-    def __call__(self, X, col_classes) -> torch.Tensor:
+    def __init__(self,
+                 W: torch.Tensor,   # (k, D) fitted encoder (paper layout)
+                 dom: torch.Tensor, # (n_cls, k) semantic vector of every class
+                 space: str,        # where to compare: one of `SAE_SPACES`
+                ): self.W, self.dom, self.space = W, dom, space
+    def __call__(self,
+                 X,           # (n, D) features
+                 col_classes, # (C,) class ids to score
+                ) -> torch.Tensor:
         "Cosine scores `(n, C)` of images `X (n, D)` for classes `col_classes (C,)`."
         X, col = _check_scorer_input(X, col_classes, self.W.shape[1], len(self.dom))
         S = self.dom[col].double()                                 # (C, k)
@@ -316,7 +383,13 @@ def _sae_eig(Xd: torch.Tensor, S: torch.Tensor):
         _SAE_EIG.clear(); _SAE_EIG[key] = (Ua, a.clamp_min(0), Vh[keep].T, s[keep] ** 2)
     return _SAE_EIG[key]
 
-def fit_sae(X, y, dom, train_classes, lam: float = 1.0, space: str = "semantic") -> SAE:
+def fit_sae(X,                        # (n, D) features
+            y,                        # (n,) class ids among `train_classes`
+            dom,                      # (n_cls, k) semantic vector of every class
+            train_classes,            # class ids to fit on (each needs an image)
+            lam: float = 1.0,         # > 0, weight of the encoding term `||W X - S||^2`
+            space: str = "semantic",  # where test images are compared: one of `SAE_SPACES`
+           ) -> SAE:
     """Semantic autoencoder: solve `S S^T W + lam W X X^T = (1+lam) S X^T` for `W (k, D)` (paper layout) on images of
     `train_classes`, in the eigenbases of both sides: the minimum-norm solution, also when they are rank deficient."""
     X, y, dom, tc = _fit_inputs(X, y, dom, train_classes)
@@ -331,13 +404,26 @@ def fit_sae(X, y, dom, train_classes, lam: float = 1.0, space: str = "semantic")
 # %% ../nbs/08_evaluate.ipynb #bfc0e1a7
 class Dom2W:
     "Linear-head scorer `X W[col]^T + b[col]`: head rows for training classes, rows predicted from `dom` for the others."
-    def __init__(self, W: torch.Tensor, b: torch.Tensor, coef: torch.Tensor): self.W, self.b, self.coef = W, b, coef
-    def __call__(self, X, col_classes) -> torch.Tensor:
+    def __init__(self,
+                 W: torch.Tensor,    # (n_cls, D) classifier row of every class
+                 b: torch.Tensor,    # (n_cls,) bias of every class
+                 coef: torch.Tensor, # (d+1, D+1) fitted ridge map `[dom, 1] -> [W, b]`
+                ): self.W, self.b, self.coef = W, b, coef
+    def __call__(self,
+                 X,           # (n, D) features
+                 col_classes, # (C,) class ids to score
+                ) -> torch.Tensor:
         "Scores `(n, C)` of features `X (n, D)` for classes `col_classes (C,)`."
         X, col = _check_scorer_input(X, col_classes, self.W.shape[1], len(self.W))
         return X @ self.W[col].T.to(X.dtype) + self.b[col].to(X.dtype)
 
-def fit_dom2w(dom, W_seen, b_seen, seen, train_classes=None, lam: float = 1.0) -> Dom2W:
+def fit_dom2w(dom,                # (n_cls, d) domain vector of every class
+              W_seen,             # (n_seen, D) classifier rows of the seen classes, in the order of `seen`
+              b_seen,             # (n_seen,) their biases
+              seen,               # seen class ids
+              train_classes=None, # the seen classes to fit the map on; None: all of `seen`
+              lam: float = 1.0,   # >= 0 ridge weight (0: least squares, minimum norm); the intercept is not penalised
+             ) -> Dom2W:
     "Ridge map `[dom, 1] -> [W, b]` fitted on the head rows of `train_classes` (default: all `seen`); predicts weights of every other class."
     dom = check_tensor(dom, "dom", shape=(None, None), dtype="float")
     seen = _ids(seen, "seen", len(dom))
@@ -365,10 +451,10 @@ def fit_dom2w(dom, W_seen, b_seen, seen, train_classes=None, lam: float = 1.0) -
 @dataclass
 class Selection:
     "Result of `select_on_val`: best `params`, its validation `score`, the whole `table`, and the validation problem of the best fit."
-    params: dict
-    score: float
-    table: list
-    val: ValProblem
+    params: dict     # the best hyperparameters
+    score: float     # their validation score (`metric` of `select_on_val`)
+    table: list      # one dict per grid point: its parameters and its score under the metric's name
+    val: ValProblem  # the validation problem of the best fit
 
 def _expand_grid(grid) -> list[dict]:
     if isinstance(grid, dict):
@@ -380,9 +466,15 @@ def _expand_grid(grid) -> list[dict]:
     if isinstance(grid, (list, tuple)) and grid and all(isinstance(p, dict) for p in grid): return list(grid)
     raise input_error("grid", f"expected a dict of lists or a non-empty list of dicts, got {type(grid).__name__}", "pass e.g. {'lam': [0.1, 1, 10]}")
 
-VAL_METRICS = ("zsl", "H", "H_cs")
+VAL_METRICS = ("zsl_top1", "H", "H_cal")  # the names `evaluate_gzsl` gives these metrics
 
-def select_on_val(fit_fn: Callable, grid, X, y, vs: ValSplit, metric: str = "zsl") -> Selection:
+def select_on_val(fit_fn: Callable,          # `fit_fn(X, y, train_classes=..., **params) -> scorer(X, col_classes)`
+                  grid,                      # dict of lists (all combinations) or a list of param dicts
+                  X,                         # (n, D) features of the trainval images
+                  y,                         # (n,) their class ids
+                  vs: ValSplit,              # validation rows and classes (`val_split`), indexing `X` and `y`
+                  metric: str = "zsl_top1",  # what to maximise: one of `VAL_METRICS`
+                 ) -> Selection:
     "Grid-search `fit_fn(X, y, train_classes=..., **params) -> scorer` on the validation split `vs` only; returns a `Selection`."
     if not isinstance(vs, ValSplit): raise input_error("vs", f"expected a ValSplit, got {type(vs).__name__}", "build it with val_split(labels, train, val, seen, val_classes)")
     if metric not in VAL_METRICS: raise input_error("metric", f"unknown metric {metric!r}", f"use one of {list(VAL_METRICS)}")
@@ -395,13 +487,21 @@ def select_on_val(fit_fn: Callable, grid, X, y, vs: ValSplit, metric: str = "zsl
     for p in params_list:
         scorer = fit_fn(X[vs.idx_fit], y[vs.idx_fit], train_classes=vs.seen, **p)
         vp = ValProblem(scorer(X[rows], col), y[rows], col, vs.seen, vs.unseen, torch.arange(ns), torch.arange(ns, len(rows)))
-        score = vp.zsl() if metric == "zsl" else vp.metrics()["H"] if metric == "H" else vp.metrics(choose_gamma(vp))["H"]
+        score = vp.zsl() if metric == "zsl_top1" else vp.metrics()["H"] if metric == "H" else vp.metrics(choose_gamma(vp))["H"]
         table.append({**p, metric: score})
         if best is None or score > best[1]: best = (p, score, vp)
     return Selection(best[0], best[1], table, best[2])
 
 # %% ../nbs/08_evaluate.ipynb #ea2af164
-def refit_seen_head(X, y, classes, W0=None, b0=None, wd: float = 5e-4, max_iter: int = 200, match_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def refit_seen_head(X,                         # (n, D) features
+                    y,                         # (n,) class ids among `classes`
+                    classes,                   # (C,) class ids of the rows to fit (each needs an image)
+                    W0=None,                   # (C, D) starting rows (and target mean row norm); None: zeros
+                    b0=None,                   # (C,) starting biases; None: zeros
+                    wd: float = 5e-4,          # >= 0 weight decay `wd/2 ||W||^2`
+                    max_iter: int = 200,       # L-BFGS iterations
+                    match_scale: bool = True,  # rescale to `W0`'s mean row norm (when `W0` is given)
+                   ) -> tuple[torch.Tensor, torch.Tensor]: # `W (C, D)`, `b (C,)`
     """Softmax classifier rows `W (C, D)`, `b (C,)` for `classes (C,)`, fitted on features `X (n, D)` whose labels `y (n,)`
     are class ids among `classes`: L-BFGS on the mean cross-entropy + `wd/2 ||W||^2`, started from `W0`, `b0` (default 0).
     `match_scale`: rows and biases then rescaled together so that the mean row norm is `W0`'s (same decisions among these
@@ -443,17 +543,28 @@ SPLIT_NAMES = ("train", "val", "test_seen", "test_unseen")
 @dataclass
 class BaselineResult:
     "One baseline's selected `params`, validation `selection`, fitted `scorer`, and test problem (`evaluate_gzsl(r.test, r.val)`)."
-    name: str
-    params: dict
-    selection: Selection
-    scorer: Callable
-    test: GZSLProblem
+    name: str              # baseline name, a key of `DEFAULT_GRIDS`
+    params: dict           # hyperparameters chosen on validation
+    selection: Selection   # the whole validation search
+    scorer: Callable       # refitted on all trainval images of the seen classes: `scorer(X, col_classes)`
+    test: GZSLProblem      # test scores over the columns `[seen ; unseen]`
     @property
     def val(self) -> ValProblem: return self.selection.val
 
-def run_baselines(X_by_split: dict, y_by_split: dict, dom, seen, unseen, val_classes, W_seen=None, b_seen=None,
-                  methods: Sequence[str] | None = None, grids: dict | None = None, metric: str = "zsl", seen_head_val=None,
-                  wd: float = 5e-4) -> dict:
+def run_baselines(X_by_split: dict,                    # `{split: (n, D) features}` for every split of `SPLIT_NAMES`
+                  y_by_split: dict,                    # `{split: (n,) class ids}` for the same splits
+                  dom,                                 # (n_cls, d) domain vector of every class
+                  seen,                                # seen class ids
+                  unseen,                              # unseen class ids
+                  val_classes,                         # seen classes held out to play unseen on validation
+                  W_seen=None,                         # (n_seen, D) the network's seen head rows (needed by dom2w)
+                  b_seen=None,                         # (n_seen,) its biases
+                  methods: Sequence[str] | None = None, # keys of `DEFAULT_GRIDS`; None: all (dom2w only with `W_seen`)
+                  grids: dict | None = None,           # `{method: grid}` replacing those of `DEFAULT_GRIDS`
+                  metric: str = "zsl_top1",            # validation metric to select on: one of `VAL_METRICS`
+                  seen_head_val=None,                  # `(W, b)` seen rows without the validation classes; None: `refit_seen_head`
+                  wd: float = 5e-4,                    # weight decay of that default refit
+                 ) -> dict:                            # `{name: BaselineResult}`
     """Fit ESZSL, SAE and dom -> W on the same features, hyperparameters chosen on validation classes; `{name: BaselineResult}`.
     dom -> W's validation problem uses `seen_head_val = (W, b)`, rows for the seen classes minus the validation classes
     that never saw them (default: `refit_seen_head` with weight decay `wd`), as ESZSL and SAE are refitted without them."""
@@ -495,7 +606,10 @@ def run_baselines(X_by_split: dict, y_by_split: dict, dom, seen, unseen, val_cla
     return out
 
 # %% ../nbs/08_evaluate.ipynb #5633cfeb
-def plot_gzsl(results: dict, metrics: Sequence[str] = ("u", "s", "H"), ax=None):
+def plot_gzsl(results: dict,                          # `{method: metric dict or list of metric dicts (seeds)}`
+              metrics: Sequence[str] = ("u", "s", "H"), # which metrics to draw
+              ax=None,                                # matplotlib Axes to draw on; None: a new figure
+             ):
     "Grouped bars of `metrics` per method from `{method: metric dict or list of metric dicts}`; returns the Axes."
     import pandas as pd, seaborn as sns, matplotlib.pyplot as plt
     if not isinstance(results, dict) or not results: raise input_error("results", "expected a non-empty dict method -> metric dict(s)", "pass e.g. {'NIWT': {'u': .4, 's': .6, 'H': .48}}")
@@ -512,7 +626,9 @@ def plot_gzsl(results: dict, metrics: Sequence[str] = ("u", "s", "H"), ax=None):
     ax.legend(fontsize=7, frameon=False)
     return ax
 
-def plot_seen_unseen(curves: dict, ax=None):
+def plot_seen_unseen(curves: dict, # `{name: seen_unseen_curve(...)}`, or one curve
+                     ax=None,      # matplotlib Axes to draw on; None: a new figure
+                    ):
     "Seen (y) vs unseen (x) accuracy curves from `{name: seen_unseen_curve(...)}`, AUSUC in the legend; returns the Axes."
     import matplotlib.pyplot as plt
     if isinstance(curves, dict) and {"u", "s"} <= set(curves): curves = {"": curves}
