@@ -740,10 +740,9 @@ def load_bundle(out:str|Path, # the output folder of a finished `niwt_run`
     return Bundle(out)
 
 # %% ../nbs/11_pipeline.ipynb #75ad4ba2
-_RENAME = {"zsl": "zsl_top1", "u_cs": "u_cal", "s_cs": "s_cal", "H_cs": "H_cal"}
-
 def _method_row(m: dict) -> dict:
-    return {_RENAME.get(k, k): v for k, v in m.items() if k != "params"}
+    "A method's metrics as reported (its chosen hyperparameters go to `extra`)."
+    return {k: v for k, v in m.items() if k != "params"}
 
 def run_once(cfg:RunConfig, # the run's config (its `seed` is the one seed run)
              store:ArtifactStore|None=None, # artifact cache (default: $NIWT_CACHE/artifacts)

@@ -236,8 +236,16 @@ _KIND_COLOURS = {"seen": "#4c72b0", "unseen": "#dd8452", "new": "#55a868"}
 
 class NIWTExplorer:
     "Explore a finished NIWT run: predictions, Grad-CAM, neuron names and text explanations under each semantic input; add classes from free text. Display it in a notebook (or Voila)."
-    def __init__(self, out, n_images: int = 24, k: int = 5, n_neurons: int = 5, inverse_per_class: int = 10,
-                 text_encoder="auto", bridge: bool = True, display_size: int = 168, seed: int = 0):
+    def __init__(self, out,                    # a `niwt_run --out` folder (with `bundle.pt`), or a loaded `pipeline.Bundle`
+                 n_images: int = 24,           # test images to pick from: up to this many unseen and as many seen
+                 k: int = 5,                   # words per textual explanation (and the inverse map's reported top-k)
+                 n_neurons: int = 5,           # most important channels listed per explanation
+                 inverse_per_class: int = 10,  # training images per seen class that fit the inverse map alpha -> words
+                 text_encoder="auto",          # how free text becomes attributes: 'auto' (MiniLM if installed, else 'words'), 'minilm', 'words' or an encoder
+                 bridge: bool = True,          # let inputs without a text encoder (e.g. 'sent') take free text through a `DomBridge` from attributes
+                 display_size: int = 168,      # height in pixels of the images shown
+                 seed: int = 0,                # seed of the image draw and of the inverse map's training images
+                ):
         from niwt_nb.pipeline import Bundle, load_bundle
         for name, v in (("n_images", n_images), ("k", k), ("n_neurons", n_neurons), ("inverse_per_class", inverse_per_class), ("display_size", display_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise input_error(name, f"expected a positive int, got {v!r}", f"pass e.g. {name}=5")
@@ -273,7 +281,9 @@ class NIWTExplorer:
         self.update()
 
     @classmethod
-    def from_bundle(cls, bundle, **kw) -> "NIWTExplorer":
+    def from_bundle(cls, bundle,  # a loaded `pipeline.Bundle` (`load_bundle(out)`)
+                    **kw,         # `NIWTExplorer` arguments (n_images, k, text_encoder, ...)
+                   ) -> "NIWTExplorer":
         "An explorer on an already loaded `pipeline.Bundle` (`metrics.json` unknown: gamma = 0)."
         from niwt_nb.pipeline import Bundle
         if not isinstance(bundle, Bundle): raise input_error("bundle", f"expected a pipeline.Bundle, got {type(bundle).__name__}", "pass load_bundle(out)")
@@ -290,9 +300,9 @@ class NIWTExplorer:
 
     def _semantic_state(self, sem: str, gamma: float) -> dict:
         "What the explorer needs of semantic input `sem`: its unseen rows, dom2alpha, domain vectors and alpha2w settings."
-        from niwt_nb.pipeline import _niwt_settings
+        from niwt_nb.pipeline import niwt_settings
         b = self.bundle.use(sem)
-        _, a2w, norm = _niwt_settings(self.cfg, b.selected)
+        _, a2w, norm = niwt_settings(self.cfg, b.selected)
         return {"W_unseen": b.W_unseen.detach().float().clone(), "b_unseen": b.b_unseen.detach().float().clone(), "d2a": b.d2a.eval(),
                 "dom": b.dom.float(), "alpha_pred": b.alpha_pred, "encoder_name": b.encoder_name, "selected": b.selected,
                 "gamma": gamma, "a2w": a2w.replace(method="fast"), "norm_match": norm}

@@ -28,13 +28,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     "A finished tiny pipeline run on Shapes (seconds), cached under its own tmp folder."
-    from niwt_nb.shapes import ShapesConfig
-    from niwt_nb.dom2alpha import Dom2AlphaConfig
-    from niwt_nb.alpha2w import Alpha2WConfig
     from niwt_nb.pipeline import RunConfig, run_niwt
     tmp = tmp_path_factory.mktemp("explain")
-    tiny = RunConfig(shapes=ShapesConfig(n_per_class=24), train=TrainConfig(epochs=2, bs=64), dom2alpha=Dom2AlphaConfig(max_epochs=50),
-                     alpha2w=Alpha2WConfig(max_steps=100), n_feed=32, baselines=())
+    tiny = RunConfig.tiny()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NIWT_CACHE", str(tmp / "cache")); mp.setenv("NIWT_DATA", str(tmp / "data"))
         return run_niwt(tiny, out=None, store=ArtifactStore(tmp / "store"), log=lambda *a: None)["_runs"][0]

@@ -24,13 +24,8 @@ def _one_thread():
 
 def _tiny_run(tmp, semantic="attributes,captions"):
     "A finished tiny Shapes run written to `tmp/run` like `niwt_run --out` (seconds); its data cached under `tmp/cache`."
-    from niwt_nb.shapes import ShapesConfig
-    from niwt_nb.models import TrainConfig
-    from niwt_nb.dom2alpha import Dom2AlphaConfig
-    from niwt_nb.alpha2w import Alpha2WConfig
     from niwt_nb.pipeline import RunConfig, run_niwt
-    cfg = RunConfig(shapes=ShapesConfig(n_per_class=24), train=TrainConfig(epochs=2, bs=64), dom2alpha=Dom2AlphaConfig(max_epochs=50),
-                    alpha2w=Alpha2WConfig(max_steps=100), n_feed=32, baselines=(), explain=False, semantic=semantic, encoder="tfidf")
+    cfg = RunConfig.tiny(explain=False, semantic=semantic, encoder="tfidf")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NIWT_CACHE", str(tmp / "cache")); mp.setenv("NIWT_DATA", str(tmp / "data"))
         run_niwt(cfg, out=tmp / "run", store=ArtifactStore(tmp / "store"), log=lambda *a: None, report=False)
