@@ -53,3 +53,33 @@ def test_the_checks_catch_a_lazy_import_back(tmp_path):
     g = {m: imports(tmp_path / f"{m}.py", set(files)) for m in files}
     assert g == {"pipeline": {"cub"}, "cub": {"pipeline"}, "presets": {"pipeline"}}
     assert cycles(g) == [["cub", "pipeline", "cub"]]
+
+
+def private_imports(path: Path, modules: set) -> list:
+    "`(module, name)` of every private name (leading underscore) the file imports from another module of `modules`."
+    out = []
+    for n in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(n, ast.ImportFrom):
+            name = n.module or ""
+            mod = name.split(".")[0] if n.level == 1 else (name.split(".")[1] if name.startswith("niwt_nb.") else None)
+            if mod in modules and mod != Path(path).stem:
+                out += [(mod, a.name) for a in n.names if a.name.startswith("_")]
+    return out
+
+
+def test_no_private_names_imported_across_modules():
+    "A module's `_names` are its own: what another module needs is public, documented and tested where it lives."
+    bad = {m: private_imports(PKG / f"{m}.py", MODULES) for m in sorted(MODULES)}
+    assert {m: v for m, v in bad.items() if v} == {}
+
+
+def test_the_private_check_catches_lazy_and_relative_imports(tmp_path):
+    (tmp_path / "a.py").write_text("from .b import x, _y\ndef f():\n    from niwt_nb.c import _z\n    from niwt_nb.a import _own\n")
+    assert private_imports(tmp_path / "a.py", {"a", "b", "c"}) == [("b", "_y"), ("c", "_z")]
+
+
+def test_models_build_themselves():
+    "Each model config builds its own model (`cfg.build(n_seen)`): no dispatch on class names anywhere in the package."
+    hits = [(p.name, i + 1) for p in sorted(PKG.glob("*.py")) for i, line in enumerate(p.read_text().splitlines())
+            if "__name__ ==" in line and "__main__" not in line]
+    assert hits == [], hits
