@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from .core import input_error, data_root
 from .data import ZSLData
-from .xlsa17 import (text_lines, _int, read_img_list, read_lab_list, read_splits_mat, read_res101_mat, match_classes,
+from .xlsa17 import (text_lines, parse_int, read_img_list, read_lab_list, read_splits_mat, read_res101_mat, match_classes,
                             check_labels, check_split_classes, build_xlsa17_data, SPLIT_KEYS)
 from .cub import read_id_names, _first, find_xlsa17_dir, xlsa17_image_order, _semantics, _listed_val, _reorder, _fake_jpeg, _check_fake
 

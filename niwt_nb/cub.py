@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from .core import input_error, NIWTInputError, data_root
 from .data import ZSLData
-from .xlsa17 import (text_lines, _int, _float, _unique, read_class_list, read_img_list, read_lab_list,
+from .xlsa17 import (text_lines, parse_int, parse_float, check_unique, read_class_list, read_img_list, read_lab_list,
                             read_splits_mat, read_res101_mat, match_classes, check_labels, check_split_classes, class_ids, build_xlsa17_data,
                             decode_data, class_captions, SPLIT_KEYS)
 
@@ -30,7 +30,7 @@ def _id_rows(path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
         tok = line.split()
         if len(tok) != ncols:
             raise input_error(what, f"{Path(path).name} line {n}: expected {ncols} fields, got {len(tok)} ({line[:60]!r})", "re-download the dataset")
-        i = _int(tok[0], path, n, what)
+        i = parse_int(tok[0], path, n, what)
         if i in out: raise input_error(what, f"{Path(path).name} line {n}: id {i} appears twice", "re-download the dataset")
         out[i] = (n, tok[1:])
     if sorted(out) != list(range(1, len(out) + 1)):
@@ -41,17 +41,17 @@ def _id_rows(path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
 def read_id_names(path, what: str = "path") -> list[str]:
     "Names of an `<id> <name>` file (`classes.txt`, `images.txt`, `attributes.txt`, AwA's `classes.txt`), in id order."
     names = [tok[0] for _, tok in _id_rows(path, 2, what)]
-    _unique(names, path, what)
+    check_unique(names, path, what)
     return names
 
 def read_id_ints(path, what: str = "path") -> torch.Tensor:
     "`(n,)` long values of an `<id> <int>` file (`image_class_labels.txt`), in id order."
-    return torch.tensor([_int(tok[0], path, n, what) for n, tok in _id_rows(path, 2, what)], dtype=torch.long)
+    return torch.tensor([parse_int(tok[0], path, n, what) for n, tok in _id_rows(path, 2, what)], dtype=torch.long)
 
 def read_boxes(path, what: str = "path") -> torch.Tensor:
     "`(n, 4)` float xyxy pixel boxes from CUB's `bounding_boxes.txt` (`<id> x y width height`), in image-id order."
     rows = _id_rows(path, 5, what)
-    b = torch.tensor([[_float(t, path, n, what) for t in tok] for n, tok in rows], dtype=torch.float64)
+    b = torch.tensor([[parse_float(t, path, n, what) for t in tok] for n, tok in rows], dtype=torch.float64)
     bad = torch.nonzero((b[:, 2] < 0) | (b[:, 3] < 0)).flatten()
     if len(bad): raise input_error(what, f"{Path(path).name} line {rows[int(bad[0])][0]}: negative box width or height", "re-download the dataset")
     return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1).float()      # (n, 4) x1 y1 x2 y2
@@ -64,13 +64,13 @@ def read_parts(path, what: str = "parts.txt") -> list[str]:
     for n, line in rows:
         tok = line.split(maxsplit=1)
         if len(tok) != 2: raise input_error(what, f"{Path(path).name} line {n}: expected `<id> <part name>`, got {line[:60]!r}", "re-download the dataset")
-        i = _int(tok[0], path, n, what)
+        i = parse_int(tok[0], path, n, what)
         if i in out: raise input_error(what, f"{Path(path).name} line {n}: id {i} appears twice", "re-download the dataset")
         out[i] = " ".join(tok[1].split())
     if sorted(out) != list(range(1, len(out) + 1)):
         raise input_error(what, f"{Path(path).name}: part ids must be 1..{len(out)}", "re-download the dataset")
     names = [out[i] for i in range(1, len(out) + 1)]
-    _unique(names, path, what)
+    check_unique(names, path, what)
     return names
 
 def read_part_locs(path, n_img: int, n_parts: int, what: str = "part_locs.txt") -> torch.Tensor:
@@ -86,8 +86,8 @@ def read_part_locs(path, n_img: int, n_parts: int, what: str = "part_locs.txt") 
     except ValueError: v = None
     if v is None or not np.isfinite(v).all():                                  # find the culprit, with its line number
         for (n, _), t in zip(rows, toks):
-            for s in t[:2]: _int(s, path, n, what)
-            for s in t[2:]: _float(s, path, n, what)
+            for s in t[:2]: parse_int(s, path, n, what)
+            for s in t[2:]: parse_float(s, path, n, what)
         raise input_error(what, f"{name} cannot be parsed as numbers", "re-download the dataset")
     ids = v[:, :2]; vis = v[:, 4]
     for k, msg in ((np.nonzero(ids != np.round(ids))[0], "an image or part id is not an integer"),
