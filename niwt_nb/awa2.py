@@ -9,17 +9,20 @@ from typing import Sequence
 import numpy as np
 import torch
 from .core import input_error, data_root
-from .data import ZSLData
-from .xlsa17 import (text_lines, _int, read_img_list, read_lab_list, read_splits_mat, read_res101_mat, match_classes,
-                            check_labels, check_split_classes, build_xlsa17_data, SPLIT_KEYS)
-from .cub import read_id_names, _first, find_xlsa17_dir, xlsa17_image_order, _semantics, _listed_val, _reorder, _fake_jpeg, _check_fake
+from .data import ZSLData, check_semantics
+from .xlsa17 import (text_lines, read_splits_mat, match_classes, check_labels, check_split_classes, build_xlsa17_data,
+                            first_existing, listed_val_classes, reorder_rows, write_fake_jpeg, check_fake_args, SPLIT_KEYS)
+from .cub import read_id_names, find_xlsa17_dir, xlsa17_image_order
 
 # %% auto #0
 __all__ = ['FAKE_AWA2_CLASSES', 'AWA2_SEMANTICS', 'read_binary_matrix', 'awa2_layout', 'make_fake_awa2', 'load_awa2',
            'awa2_from_config']
 
 # %% ../nbs/02c_awa2.ipynb #cb65217d
-def read_binary_matrix(path, n_rows: int | None = None, n_cols: int | None = None) -> torch.Tensor:
+def read_binary_matrix(path,                # a text file of 0s and 1s
+                       n_rows:int|None=None, # expected number of rows (None: any)
+                       n_cols:int|None=None, # expected number of columns (None: any)
+                      )->torch.Tensor:
     "`(n_rows, n_cols)` float 0/1 matrix from a whitespace-separated text file of 0s and 1s (AwA's `predicate-matrix-binary.txt`)."
     rows = []
     for n, line in text_lines(path, "path"):
@@ -37,27 +40,35 @@ def read_binary_matrix(path, n_rows: int | None = None, n_cols: int | None = Non
 # %% ../nbs/02c_awa2.ipynb #6e809e33
 _IMG_EXT = (".jpg", ".jpeg", ".png")
 
-def awa2_layout(root=None, xlsa17_dir=None) -> dict:
+def awa2_layout(root=None,       # the AwA2 folder; None: `data_root()/awa2`
+                xlsa17_dir=None, # an explicit xlsa17 folder
+               )->dict:
     "Paths of the AwA2 and xlsa17 files under `root` (None for each one that is absent)."
     root = Path(root) if root is not None else data_root() / "awa2"
     if not root.is_dir(): raise input_error("root", f"no folder at {str(root)!r}", "pass the AwA2 folder (fetch('awa2', root) downloads it)")
     awa = root / "Animals_with_Attributes2" if (root / "Animals_with_Attributes2").is_dir() else root
     x = find_xlsa17_dir(root, "AWA2", xlsa17_dir, awa)
     meta = root / "xlsa17_res101_meta"
-    m = lambda name: _first(awa / name, root / "awa_meta" / name)
+    m = lambda name: first_existing(awa / name, root / "awa_meta" / name)
     return {"root": root, "awa_dir": awa, "images": awa / "JPEGImages", "classes": m("classes.txt"), "predicates": m("predicates.txt"),
             "binary": m("predicate-matrix-binary.txt"), "xlsa17_dir": x, "att_splits": x / "att_splits.mat",
-            "res101": _first(x / "res101.mat"), "img_list": _first(x / "img_list.txt", meta / "img_list.txt"),
-            "lab_list": _first(x / "lab_list.txt", meta / "lab_list.txt"), "w2v": _first(x / "w2v_list.npy", meta / "w2v_list.npy")}
+            "res101": first_existing(x / "res101.mat"), "img_list": first_existing(x / "img_list.txt", meta / "img_list.txt"),
+            "lab_list": first_existing(x / "lab_list.txt", meta / "lab_list.txt"), "w2v": first_existing(x / "w2v_list.npy", meta / "w2v_list.npy")}
 
 # %% ../nbs/02c_awa2.ipynb #ee9a315f
 FAKE_AWA2_CLASSES = ["antelope", "grizzly+bear", "killer+whale", "beaver", "dalmatian", "persian+cat"]
 
-def make_fake_awa2(root, n_cls: int = 5, unseen: Sequence[int] = (2,), per_class: int = 5, n_attr: int = 4,
-                   img_list: bool = False, seed: int = 0) -> Path:
+def make_fake_awa2(root,                      # the folder to write into
+                   n_cls:int=5,               # number of classes (at most len(FAKE_AWA2_CLASSES))
+                   unseen:Sequence[int]=(2,), # the zero-shot class ids
+                   per_class:int=5,           # images per class (>= 4)
+                   n_attr:int=4,              # predicates per class
+                   img_list:bool=False,       # also write xlsa17_res101_meta/img_list.txt and lab_list.txt
+                   seed:int=0,                # seed of colours, sizes and attributes
+                  )->Path:
     "Write a tiny AwA2 + xlsa17 dataset under `root` (class ids in `unseen` are zero-shot); returns `root`."
     import scipy.io
-    _check_fake(n_cls, unseen, per_class, n_attr)
+    check_fake_args(n_cls, unseen, per_class, n_attr)
     if n_cls > len(FAKE_AWA2_CLASSES): raise input_error("n_cls", f"at most {len(FAKE_AWA2_CLASSES)} fake AwA2 classes", "pass a smaller n_cls")
     root, g = Path(root), np.random.default_rng(seed)
     awa, x = root / "Animals_with_Attributes2", root / "xlsa17"
@@ -66,7 +77,7 @@ def make_fake_awa2(root, n_cls: int = 5, unseen: Sequence[int] = (2,), per_class
     files = sorted(f"{c}/{c}_{10001 + i}.jpg" for c in classes for i in range(per_class))
     labels = np.array([classes.index(f.split("/")[0]) for f in files])
     colours = g.uniform(0, 255, (n_cls, 3))
-    for k, f in enumerate(files): _fake_jpeg(awa / "JPEGImages" / f, *g.integers(20, 40, 2), colours[labels[k]])
+    for k, f in enumerate(files): write_fake_jpeg(awa / "JPEGImages" / f, *g.integers(20, 40, 2), colours[labels[k]])
     (awa / "classes.txt").write_text("".join(f"{i + 1:6d}\t{c}\n" for i, c in enumerate(classes)))
     (awa / "predicates.txt").write_text("".join(f"{i + 1:6d}\tpredicate_{i}\n" for i in range(n_attr)))
     cont = g.uniform(0, 100, (n_cls, n_attr)); cont[0, 0] = -1                # AwA marks a few entries missing with -1
@@ -89,16 +100,25 @@ def make_fake_awa2(root, n_cls: int = 5, unseen: Sequence[int] = (2,), per_class
     return root
 
 # %% ../nbs/02c_awa2.ipynb #85b54394
-AWA2_SEMANTICS = ("attributes", "attributes_binary")
+AWA2_SEMANTICS = ("attributes", "attributes_binary")   # the `SEMANTICS` that load_awa2 can be asked for (it also loads attributes_raw)
 _HOW_TO_GET_AWA2 = "get the images with fetch('awa2', root) (AwA2-data.zip, 13 GB)"
 
-def load_awa2(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attributes", present_only: bool = False,
-              val_classes: int | Sequence[str] | None = 1, val_frac: float = 0.2, seed: int = 0, img_size: int | None = None,
-              check_images: bool = True, verbose: bool = True, workers: int | None = None) -> ZSLData:
+def load_awa2(root=None,                  # the AwA2 folder; None: `data_root()/awa2`
+              xlsa17_dir=None,            # an explicit xlsa17 folder (else found under `root`)
+              semantic:str|Sequence[str]="attributes", # the semantic input(s) that must be present (of `AWA2_SEMANTICS`)
+              present_only:bool=False,    # keep only the classes whose images are all on disk
+              val_classes:int|Sequence[str]|None=1, # k: xlsa17's valclasses{k}.txt; or class names; None: drawn
+              val_frac:float=0.2,         # fraction of trainval images held out as val
+              seed:int=0,                 # seed of the train/val split (and of drawn val classes)
+              img_size:int|None=None,     # decode the images into memory at this side; None: keep files
+              check_images:bool=True,     # raise when image files are missing (unless present_only)
+              verbose:bool=True,          # print what present_only kept
+              workers:int|None=None,      # decoding threads
+             )->ZSLData:
     "AwA2 with the xlsa17 proposed split as a validated `ZSLData` (see the table above)."
     if semantic == "captions" or (not isinstance(semantic, str) and "captions" in semantic):
         raise input_error("semantic", "AwA2 has no captions", "use semantic='attributes'")
-    sem = _semantics(semantic, AWA2_SEMANTICS)
+    sem = check_semantics(semantic, AWA2_SEMANTICS)
     L = awa2_layout(root, xlsa17_dir)
     files, xlab, order_src = xlsa17_image_order(L)
     if files is None:
@@ -122,8 +142,8 @@ def load_awa2(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attri
     labels = torch.tensor([pos[f] for f in folders], dtype=torch.long)
     if xlab is not None: check_labels(files, xlab, spl["classes"], "lab_list")
     check_split_classes(labels, spl["splits"], classes, L["xlsa17_dir"])
-    dom = {"attributes": _reorder(spl["att"], perm)}
-    if spl["original_att"] is not None: dom["attributes_raw"] = _reorder(spl["original_att"], perm)
+    dom = {"attributes": reorder_rows(spl["att"], perm)}
+    if spl["original_att"] is not None: dom["attributes_raw"] = reorder_rows(spl["original_att"], perm)
     n_attr = dom["attributes"].shape[1]
     if L["binary"] is not None: dom["attributes_binary"] = read_binary_matrix(L["binary"], len(classes), n_attr)
     elif "attributes_binary" in sem: raise input_error("semantic", "'attributes_binary' needs predicate-matrix-binary.txt", "add the file or drop it")
@@ -139,7 +159,7 @@ def load_awa2(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attri
         w = np.load(L["w2v"], allow_pickle=False)
         if w.ndim == 2 and len(w) == n_attr and np.isfinite(w).all(): meta["attr_w2v"] = torch.from_numpy(w).float()
     return build_xlsa17_data("awa2", classes, files, labels, spl["splits"], dom, L["images"],
-                             val_classes=_listed_val(L["xlsa17_dir"], val_classes, classes), val_frac=val_frac, seed=seed,
+                             val_classes=listed_val_classes(L["xlsa17_dir"], val_classes, classes), val_frac=val_frac, seed=seed,
                              present_only=present_only, check_images=check_images, img_size=img_size, attr_names=attr_names,
                              meta=meta, how_to_get=_HOW_TO_GET_AWA2, verbose=verbose, workers=workers)
 
@@ -147,7 +167,8 @@ def load_awa2(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attri
 from .data import register_dataset
 
 @register_dataset("awa2")
-def awa2_from_config(cfg) -> ZSLData:
+def awa2_from_config(cfg, # a RunConfig (reads `root` and `present_only`)
+                    )->ZSLData:
     "The `'awa2'` dataset of a `RunConfig` (see `load_awa2`)."
     root = Path(cfg.root) if cfg.root else data_root() / "awa2"
     return load_awa2(root, present_only=bool(getattr(cfg, "present_only", False)), verbose=False)   # files: see cub_from_config

@@ -10,10 +10,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from .core import input_error, NIWTInputError, data_root
-from .data import ZSLData
-from .xlsa17 import (text_lines, _int, _float, _unique, read_class_list, read_img_list, read_lab_list,
-                            read_splits_mat, read_res101_mat, match_classes, check_labels, check_split_classes, class_ids, build_xlsa17_data,
-                            decode_data, class_captions, SPLIT_KEYS)
+from .data import ZSLData, check_semantics
+from .xlsa17 import (text_lines, parse_int, parse_float, check_unique, read_img_list, read_lab_list, read_splits_mat,
+                            read_res101_mat, match_classes, check_labels, check_split_classes, build_xlsa17_data, decode_data,
+                            class_captions, first_existing, listed_val_classes, reorder_rows, write_fake_jpeg, check_fake_args,
+                            SPLIT_KEYS)
 
 # %% auto #0
 __all__ = ['FAKE_PARTS', 'CUB_SEMANTICS', 'read_id_names', 'read_id_ints', 'read_boxes', 'read_parts', 'read_part_locs',
@@ -30,7 +31,7 @@ def _id_rows(path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
         tok = line.split()
         if len(tok) != ncols:
             raise input_error(what, f"{Path(path).name} line {n}: expected {ncols} fields, got {len(tok)} ({line[:60]!r})", "re-download the dataset")
-        i = _int(tok[0], path, n, what)
+        i = parse_int(tok[0], path, n, what)
         if i in out: raise input_error(what, f"{Path(path).name} line {n}: id {i} appears twice", "re-download the dataset")
         out[i] = (n, tok[1:])
     if sorted(out) != list(range(1, len(out) + 1)):
@@ -38,25 +39,33 @@ def _id_rows(path, ncols: int, what: str) -> list[tuple[int, list[str]]]:
         raise input_error(what, f"{Path(path).name}: ids must be 1..{len(out)} but id {gap} is missing", "re-download the dataset")
     return [out[i] for i in range(1, len(out) + 1)]
 
-def read_id_names(path, what: str = "path") -> list[str]:
+def read_id_names(path,             # an `<id> <name>` file
+                  what:str="path", # the argument to name in errors
+                 )->list[str]:
     "Names of an `<id> <name>` file (`classes.txt`, `images.txt`, `attributes.txt`, AwA's `classes.txt`), in id order."
     names = [tok[0] for _, tok in _id_rows(path, 2, what)]
-    _unique(names, path, what)
+    check_unique(names, path, what)
     return names
 
-def read_id_ints(path, what: str = "path") -> torch.Tensor:
+def read_id_ints(path,             # an `<id> <int>` file
+                 what:str="path", # the argument to name in errors
+                )->torch.Tensor:
     "`(n,)` long values of an `<id> <int>` file (`image_class_labels.txt`), in id order."
-    return torch.tensor([_int(tok[0], path, n, what) for n, tok in _id_rows(path, 2, what)], dtype=torch.long)
+    return torch.tensor([parse_int(tok[0], path, n, what) for n, tok in _id_rows(path, 2, what)], dtype=torch.long)
 
-def read_boxes(path, what: str = "path") -> torch.Tensor:
+def read_boxes(path,             # CUB's bounding_boxes.txt
+               what:str="path", # the argument to name in errors
+              )->torch.Tensor:
     "`(n, 4)` float xyxy pixel boxes from CUB's `bounding_boxes.txt` (`<id> x y width height`), in image-id order."
     rows = _id_rows(path, 5, what)
-    b = torch.tensor([[_float(t, path, n, what) for t in tok] for n, tok in rows], dtype=torch.float64)
+    b = torch.tensor([[parse_float(t, path, n, what) for t in tok] for n, tok in rows], dtype=torch.float64)
     bad = torch.nonzero((b[:, 2] < 0) | (b[:, 3] < 0)).flatten()
     if len(bad): raise input_error(what, f"{Path(path).name} line {rows[int(bad[0])][0]}: negative box width or height", "re-download the dataset")
     return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1).float()      # (n, 4) x1 y1 x2 y2
 
-def read_parts(path, what: str = "parts.txt") -> list[str]:
+def read_parts(path,                  # CUB's parts/parts.txt
+               what:str="parts.txt", # the argument to name in errors
+              )->list[str]:
     "Part names of CUB's `parts/parts.txt` (`<id> <name>`, names may contain spaces: `'left wing'`), in id order."
     rows = text_lines(path, what)
     if not rows: raise input_error(what, f"{Path(path).name} is empty", "re-download the dataset")
@@ -64,16 +73,20 @@ def read_parts(path, what: str = "parts.txt") -> list[str]:
     for n, line in rows:
         tok = line.split(maxsplit=1)
         if len(tok) != 2: raise input_error(what, f"{Path(path).name} line {n}: expected `<id> <part name>`, got {line[:60]!r}", "re-download the dataset")
-        i = _int(tok[0], path, n, what)
+        i = parse_int(tok[0], path, n, what)
         if i in out: raise input_error(what, f"{Path(path).name} line {n}: id {i} appears twice", "re-download the dataset")
         out[i] = " ".join(tok[1].split())
     if sorted(out) != list(range(1, len(out) + 1)):
         raise input_error(what, f"{Path(path).name}: part ids must be 1..{len(out)}", "re-download the dataset")
     names = [out[i] for i in range(1, len(out) + 1)]
-    _unique(names, path, what)
+    check_unique(names, path, what)
     return names
 
-def read_part_locs(path, n_img: int, n_parts: int, what: str = "part_locs.txt") -> torch.Tensor:
+def read_part_locs(path,                      # CUB's parts/part_locs.txt
+                   n_img:int,                 # number of images (ids 1..n_img)
+                   n_parts:int,               # number of parts (ids 1..n_parts)
+                   what:str="part_locs.txt",  # the argument to name in errors
+                  )->torch.Tensor:
     """`(n_img, n_parts, 3)` float `(x, y, visible)` from CUB's `parts/part_locs.txt` (`<image id> <part id> <x> <y> <visible>`,
     pixels of the original image), in image-id order. Every (image, part) pair must appear exactly once."""
     rows = text_lines(path, what)
@@ -86,8 +99,8 @@ def read_part_locs(path, n_img: int, n_parts: int, what: str = "part_locs.txt") 
     except ValueError: v = None
     if v is None or not np.isfinite(v).all():                                  # find the culprit, with its line number
         for (n, _), t in zip(rows, toks):
-            for s in t[:2]: _int(s, path, n, what)
-            for s in t[2:]: _float(s, path, n, what)
+            for s in t[:2]: parse_int(s, path, n, what)
+            for s in t[2:]: parse_float(s, path, n, what)
         raise input_error(what, f"{name} cannot be parsed as numbers", "re-download the dataset")
     ids = v[:, :2]; vis = v[:, 4]
     for k, msg in ((np.nonzero(ids != np.round(ids))[0], "an image or part id is not an integer"),
@@ -110,13 +123,16 @@ def read_part_locs(path, n_img: int, n_parts: int, what: str = "part_locs.txt") 
     return torch.from_numpy(out).float().reshape(n_img, n_parts, 3)
 
 # %% ../nbs/02b_cub.ipynb #e95ffe2f
-def read_captions_file(path) -> list[str]:
+def read_captions_file(path, # one caption file (text_c10/<class>/<image>.txt)
+                      )->list[str]:
     "The non-blank lines (captions) of one caption file; an empty or non-UTF-8 file raises."
     caps = [line for _, line in text_lines(path, "captions_dir")]
     if not caps: raise input_error("captions_dir", f"{Path(path).name} holds no captions", "re-download the captions (text_c10)")
     return caps
 
-def read_captions(captions_dir, files: Sequence[str]) -> dict:
+def read_captions(captions_dir,        # Reed et al.'s text_c10 folder
+                  files:Sequence[str], # image keys 'class/name.jpg'
+                 )->dict:
     "`{image key: [captions]}` for the image keys `'class/name.jpg'` whose caption file exists under `captions_dir`."
     root = Path(captions_dir)
     if not root.is_dir(): raise input_error("captions_dir", f"no folder at {str(root)!r}", "pass the text_c10 folder of Reed et al.'s captions")
@@ -132,21 +148,23 @@ def read_captions(captions_dir, files: Sequence[str]) -> dict:
     return out
 
 # %% ../nbs/02b_cub.ipynb #a4fa32c5
-def _first(*cands):
-    return next((Path(c) for c in cands if c is not None and Path(c).exists()), None)
-
-def find_xlsa17_dir(root, name: str, xlsa17_dir=None, inner=None) -> Path:
+def find_xlsa17_dir(root,            # the dataset folder
+                    name:str,        # the dataset's xlsa17 name: 'CUB' or 'AWA2'
+                    xlsa17_dir=None, # an explicit xlsa17 folder (wins when given)
+                    inner=None,      # the dataset's inner folder (e.g. CUB_200_2011), also searched
+                   )->Path:
     "The xlsa17 folder of dataset `name` ('CUB', 'AWA2'): `xlsa17_dir`, else the first usual place under `root` (or `inner`) holding att_splits.mat."
     root = Path(root)
     places = (root / "xlsa17", root / "xlsa17" / "data" / name, root.parent / "xlsa17" / "data" / name,
               *((Path(inner) / "xlsa17",) if inner is not None else ()))
-    x = Path(xlsa17_dir) if xlsa17_dir is not None else _first(*(d for d in places if (d / "att_splits.mat").is_file()))
+    x = Path(xlsa17_dir) if xlsa17_dir is not None else first_existing(*(d for d in places if (d / "att_splits.mat").is_file()))
     if x is None or not (x / "att_splits.mat").is_file():
         raise input_error("xlsa17_dir", f"no xlsa17 att_splits.mat found for {name} (looked in {root}/xlsa17, {root}/xlsa17/data/{name}, "
                           f"{root.parent}/xlsa17/data/{name})", "download xlsa17.zip (fetch('xlsa17')) or pass xlsa17_dir=")
     return x
 
-def xlsa17_image_order(L: dict):
+def xlsa17_image_order(L:dict, # a layout dict (`cub_layout`, `awa2_layout`) with 'res101', 'img_list', 'lab_list'
+                      ):
     "`(files, labels or None, source)` of xlsa17's image order from a layout dict: res101.mat, else img_list.txt; `(None, None, None)` if neither."
     if L.get("res101") is not None:
         r = read_res101_mat(L["res101"], features=False)
@@ -155,48 +173,45 @@ def xlsa17_image_order(L: dict):
         return read_img_list(L["img_list"]), (read_lab_list(L["lab_list"]) if L.get("lab_list") is not None else None), "img_list.txt"
     return None, None, None
 
-def cub_layout(root=None, xlsa17_dir=None, captions_dir=None) -> dict:
+def cub_layout(root=None,         # folder holding CUB_200_2011/; None: `data_root()/cub`
+               xlsa17_dir=None,   # an explicit xlsa17 folder
+               captions_dir=None, # an explicit text_c10 folder
+              )->dict:
     "Paths of the CUB, xlsa17 and caption files under `root` (None for each one that is absent)."
     root = Path(root) if root is not None else data_root() / "cub"
-    cub = _first(root / "CUB_200_2011" / "images.txt", root / "images.txt")
+    cub = first_existing(root / "CUB_200_2011" / "images.txt", root / "images.txt")
     if cub is None:
         raise input_error("root", f"no CUB_200_2011/images.txt under {str(root)!r}",
                           "pass the folder that holds CUB_200_2011/ (fetch('cub', root) downloads it)")
     cub = cub.parent
     x = find_xlsa17_dir(root, "CUB", xlsa17_dir, cub)
     meta = root / "xlsa17_res101_meta"
-    caps = Path(captions_dir) if captions_dir is not None else _first(root / "text_c10", root / "cvpr2016_cub" / "text_c10", cub / "text_c10")
+    caps = Path(captions_dir) if captions_dir is not None else first_existing(root / "text_c10", root / "cvpr2016_cub" / "text_c10", cub / "text_c10")
     f = lambda p: p if p.exists() else None
     return {"root": root, "cub_dir": cub, "images": cub / "images", "classes": f(cub / "classes.txt"), "images_txt": cub / "images.txt",
             "image_class_labels": f(cub / "image_class_labels.txt"), "boxes": f(cub / "bounding_boxes.txt"),
             "parts": f(cub / "parts" / "parts.txt"), "part_locs": f(cub / "parts" / "part_locs.txt"),
-            "attributes": _first(cub / "attributes.txt", cub.parent / "attributes.txt"), "xlsa17_dir": x,
+            "attributes": first_existing(cub / "attributes.txt", cub.parent / "attributes.txt"), "xlsa17_dir": x,
             "att_splits": x / "att_splits.mat", "sent_splits": f(x / "sent_splits.mat"), "res101": f(x / "res101.mat"),
-            "img_list": _first(x / "img_list.txt", meta / "img_list.txt"), "lab_list": _first(x / "lab_list.txt", meta / "lab_list.txt"),
-            "w2v": _first(x / "w2v_list.npy", meta / "w2v_list.npy"), "captions_dir": caps}
+            "img_list": first_existing(x / "img_list.txt", meta / "img_list.txt"), "lab_list": first_existing(x / "lab_list.txt", meta / "lab_list.txt"),
+            "w2v": first_existing(x / "w2v_list.npy", meta / "w2v_list.npy"), "captions_dir": caps}
 
 # %% ../nbs/02b_cub.ipynb #75009d00
-def _fake_jpeg(path: Path, w: int, h: int, rgb, grey: bool = False):
-    from PIL import Image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.new("RGB", (w, h), tuple(int(c) for c in rgb))
-    (im.convert("L") if grey else im).save(path, quality=95)
-
-def _check_fake(n_cls, unseen, per_class, n_attr):
-    if not (isinstance(n_cls, int) and 3 <= n_cls <= 26): raise input_error("n_cls", f"expected an int in [3, 26], got {n_cls!r}", "pass e.g. n_cls=6")
-    if not (isinstance(per_class, int) and per_class >= 4): raise input_error("per_class", f"expected an int >= 4, got {per_class!r}", "pass e.g. per_class=6")
-    if not (isinstance(n_attr, int) and n_attr >= 1): raise input_error("n_attr", f"expected a positive int, got {n_attr!r}", "pass e.g. n_attr=5")
-    u = list(unseen)
-    if not u or len(set(u)) != len(u) or not all(isinstance(c, int) and 0 <= c < n_cls for c in u) or len(u) > n_cls - 2:
-        raise input_error("unseen", f"expected distinct class ids in [0, {n_cls}) leaving at least 2 seen classes, got {unseen!r}", "pass e.g. unseen=(1, 4)")
-
 FAKE_PARTS = ("back", "beak", "left wing")   # the part names make_fake_cub writes
 
-def make_fake_cub(root, n_cls: int = 6, unseen: Sequence[int] = (1, 4), per_class: int = 6, n_attr: int = 5,
-                  captions: bool = True, img_list: bool = False, seed: int = 0, parts: bool = True) -> Path:
+def make_fake_cub(root,                         # the folder to write into
+                  n_cls:int=6,                  # number of classes (3 to 26)
+                  unseen:Sequence[int]=(1, 4),  # the zero-shot class ids
+                  per_class:int=6,              # images per class (>= 4)
+                  n_attr:int=5,                 # attributes per class
+                  captions:bool=True,           # write text_c10 captions
+                  img_list:bool=False,          # also write xlsa17_res101_meta/img_list.txt, lab_list.txt, w2v_list.npy
+                  seed:int=0,                   # seed of colours, sizes, orders and attributes
+                  parts:bool=True,              # write parts/parts.txt and part_locs.txt
+                 )->Path:
     "Write a tiny CUB + xlsa17 + text_c10 dataset under `root` (class ids in `unseen` are zero-shot); returns `root`."
     import scipy.io
-    _check_fake(n_cls, unseen, per_class, n_attr)
+    check_fake_args(n_cls, unseen, per_class, n_attr)
     root, g = Path(root), np.random.default_rng(seed)
     cub, x = root / "CUB_200_2011", root / "xlsa17"
     x.mkdir(parents=True, exist_ok=True)
@@ -206,7 +221,7 @@ def make_fake_cub(root, n_cls: int = 6, unseen: Sequence[int] = (1, 4), per_clas
     colours = g.uniform(0, 255, (n_cls, 3))
     sizes = g.integers(24, 48, (len(files), 2))
     for k, f in enumerate(files):
-        _fake_jpeg(cub / "images" / f, *sizes[k], colours[labels[k]], grey=(k == 1))
+        write_fake_jpeg(cub / "images" / f, *sizes[k], colours[labels[k]], grey=(k == 1))
     order = g.permutation(len(files))                                    # images.txt is NOT in path order
     (cub / "images.txt").write_text("".join(f"{i + 1} {files[j]}\n" for i, j in enumerate(order)))
     (cub / "image_class_labels.txt").write_text("".join(f"{i + 1} {labels[j] + 1}\n" for i, j in enumerate(order)))
@@ -252,37 +267,25 @@ def make_fake_cub(root, n_cls: int = 6, unseen: Sequence[int] = (1, 4), per_clas
     return root
 
 # %% ../nbs/02b_cub.ipynb #b393d80c
-CUB_SEMANTICS = ("attributes", "sent", "captions")
+CUB_SEMANTICS = ("attributes", "sent", "captions")   # the `SEMANTICS` that load_cub can be asked for (it also loads attributes_raw)
 _HOW_TO_GET_CUB = "get the images with fetch('cub', root) (CUB_200_2011.tgz, 1.1 GB)"
 
-def _semantics(semantic, allowed) -> tuple:
-    sem = (semantic,) if isinstance(semantic, str) else tuple(semantic)
-    bad = [s for s in sem if s not in allowed]
-    if bad or not sem: raise input_error("semantic", f"unknown semantic input(s) {bad or sem}", f"use some of {list(allowed)}")
-    return sem
-
-def _listed_val(x: Path, val_classes, classes: list) -> torch.Tensor | None:
-    "Class ids named by `valclasses{k}.txt` (int k) or by a list of names; None for the fallback."
-    if val_classes is None: return None
-    if isinstance(val_classes, int) and not isinstance(val_classes, bool):
-        p = x / f"valclasses{val_classes}.txt"
-        if not p.is_file(): return None
-        names = read_class_list(p)
-    elif isinstance(val_classes, (list, tuple)) and all(isinstance(v, str) for v in val_classes): names = list(val_classes)
-    else: raise input_error("val_classes", f"expected 1, 2, 3 (xlsa17 valclassesK.txt), a list of class names or None, got {val_classes!r}", "pass val_classes=1")
-    return class_ids(names, classes, "val_classes")
-
-def _reorder(M: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    "Rows of `M` (file class order) moved to class ids `perm`."
-    out = torch.empty_like(M); out[perm] = M
-    return out
-
 # %% ../nbs/02b_cub.ipynb #5368af52
-def load_cub(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attributes", present_only: bool = False,
-             captions_dir=None, val_classes: int | Sequence[str] | None = 1, val_frac: float = 0.2, seed: int = 0,
-             img_size: int | None = None, check_images: bool = True, verbose: bool = True, workers: int | None = None) -> ZSLData:
+def load_cub(root=None,                  # folder holding CUB_200_2011/; None: `data_root()/cub`
+             xlsa17_dir=None,            # an explicit xlsa17 folder (else found under `root`)
+             semantic:str|Sequence[str]="attributes", # the semantic input(s) that must be present (of `CUB_SEMANTICS`)
+             present_only:bool=False,    # keep only the classes whose images are all on disk
+             captions_dir=None,          # an explicit text_c10 folder (else found under `root`)
+             val_classes:int|Sequence[str]|None=1, # k: xlsa17's valclasses{k}.txt; or class names; None: drawn
+             val_frac:float=0.2,         # fraction of trainval images held out as val
+             seed:int=0,                 # seed of the train/val split (and of drawn val classes)
+             img_size:int|None=None,     # decode the images into memory at this side; None: keep files
+             check_images:bool=True,     # raise when image files are missing (unless present_only)
+             verbose:bool=True,          # print what present_only kept
+             workers:int|None=None,      # decoding threads
+            )->ZSLData:
     "CUB-200-2011 with the xlsa17 proposed split as a validated `ZSLData` (see the table above)."
-    sem = _semantics(semantic, CUB_SEMANTICS)
+    sem = check_semantics(semantic, CUB_SEMANTICS)
     L = cub_layout(root, xlsa17_dir, captions_dir)
     if L["classes"] is None: raise input_error("root", f"no classes.txt in {L['cub_dir']}", "re-download CUB_200_2011")
     classes = read_id_names(L["classes"], "classes.txt")
@@ -309,14 +312,14 @@ def load_cub(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attrib
     perm = match_classes(spl["classes"], classes)
     if xlab is not None: check_labels(files, xlab, spl["classes"], "lab_list")
     check_split_classes(labels, spl["splits"], classes, L["xlsa17_dir"])
-    dom = {"attributes": _reorder(spl["att"], perm)}
-    if spl["original_att"] is not None: dom["attributes_raw"] = _reorder(spl["original_att"], perm)
+    dom = {"attributes": reorder_rows(spl["att"], perm)}
+    if spl["original_att"] is not None: dom["attributes_raw"] = reorder_rows(spl["original_att"], perm)
     if L["sent_splits"] is not None:
         s2 = read_splits_mat(L["sent_splits"], n_img=len(files))
         for k in SPLIT_KEYS:
             if not torch.equal(torch.sort(s2["splits"][k]).values, torch.sort(spl["splits"][k]).values):
                 raise input_error("xlsa17_dir", f"sent_splits.mat and att_splits.mat disagree on `{k}_loc`", "use files of the same xlsa17 release")
-        dom["sent"] = _reorder(s2["att"], match_classes(s2["classes"], classes))
+        dom["sent"] = reorder_rows(s2["att"], match_classes(s2["classes"], classes))
     elif "sent" in sem:
         raise input_error("semantic", f"'sent' needs sent_splits.mat in {L['xlsa17_dir']}", "add the file (CUB's xlsa17 folder) or drop 'sent'")
     attr_names = read_id_names(L["attributes"], "attributes.txt") if L["attributes"] is not None else None
@@ -354,7 +357,7 @@ def load_cub(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attrib
         w = np.load(L["w2v"], allow_pickle=False)
         if w.ndim == 2 and len(w) == dom["attributes"].shape[1] and np.isfinite(w).all(): meta["attr_w2v"] = torch.from_numpy(w).float()
     d = build_xlsa17_data("cub", classes, files, labels, spl["splits"], dom, L["images"],
-                          val_classes=_listed_val(L["xlsa17_dir"], val_classes, classes), val_frac=val_frac, seed=seed,
+                          val_classes=listed_val_classes(L["xlsa17_dir"], val_classes, classes), val_frac=val_frac, seed=seed,
                           present_only=present_only, check_images=check_images, attr_names=attr_names,
                           boxes=boxes, captions=captions, captions_required="captions" in sem, meta=meta,
                           how_to_get=_HOW_TO_GET_CUB, verbose=verbose, workers=workers)
@@ -363,7 +366,9 @@ def load_cub(root=None, xlsa17_dir=None, semantic: str | Sequence[str] = "attrib
         d = d.validate()
     return decode_data(d, img_size, "crop", workers) if img_size is not None else d
 
-def image_file(data: ZSLData, i: int) -> str:
+def image_file(data:ZSLData, # a dataset from `load_cub` or `load_awa2`
+               i:int,        # image index
+              )->str:
     "The image key `'class/file.jpg'` of image `i` of a dataset loaded by `load_cub`/`load_awa2` (also after `subset_classes`)."
     if not isinstance(data, ZSLData) or "files" not in data.meta: raise input_error("data", "has no meta['files']", "pass a dataset from load_cub or load_awa2")
     if isinstance(i, torch.Tensor) and i.numel() == 1: i = int(i)
@@ -371,7 +376,9 @@ def image_file(data: ZSLData, i: int) -> str:
         raise input_error("i", f"expected an image index in [0, {data.n_img}), got {i!r}", "pass an int index")
     return data.meta["files"][int(data.meta["image_ids_original"][int(i)])]
 
-def image_captions(data: ZSLData, i: int) -> list[str]:
+def image_captions(data:ZSLData, # a dataset from `load_cub`
+                   i:int,        # image index
+                  )->list[str]:
     "The Reed captions of image `i` (empty list when the dataset was loaded without captions)."
     return list(data.meta.get("image_captions", {}).get(image_file(data, i), []))
 
@@ -379,7 +386,8 @@ def image_captions(data: ZSLData, i: int) -> list[str]:
 from .data import register_dataset
 
 @register_dataset("cub")
-def cub_from_config(cfg) -> ZSLData:
+def cub_from_config(cfg, # a RunConfig (reads `root` and `present_only`)
+                   )->ZSLData:
     "The `'cub'` dataset of a `RunConfig` (see `load_cub`)."
     root = Path(cfg.root) if cfg.root else data_root() / "cub"
     # image files stay on disk and every semantic input that exists is loaded: the pipeline checks the requested one

@@ -15,15 +15,21 @@ from fastcore.basics import patch
 from .core import input_error, NIWTInputError, check_tensor, atomic_torch_save
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASETS', 'ZSLData', 'make_train_val', 'make_toy_data', 'load_image',
-           'Normalize', 'Resize', 'RandomHFlip', 'Compose', 'ZSLDataset', 'register_dataset']
+__all__ = ['SPLITS', 'SEMANTICS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASETS', 'check_ids', 'check_semantics', 'class_columns',
+           'ZSLData', 'make_train_val', 'make_toy_data', 'load_image', 'Normalize', 'Resize', 'RandomHFlip', 'Compose',
+           'ZSLDataset', 'register_dataset']
 
 # %% ../nbs/01_data.ipynb #6a3d5b0b
 SPLITS = ("trainval", "test_seen", "test_unseen", "train", "val")  # required keys of `ZSLData.splits`
+SEMANTICS = ("attributes", "captions", "sent", "attributes_raw", "attributes_binary")  # every semantic input: a key of `ZSLData.dom`
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def _ids(x, name: str, n: int, what: str) -> torch.Tensor:
+def check_ids(x:torch.Tensor, # ids to check (a 1-d integer tensor)
+              name:str,       # the argument to name in errors
+              n:int,          # ids must lie in `[0, n)`
+              what:str,       # what the ids count in errors, e.g. 'class' or 'image'
+             )->torch.Tensor: # `x`, checked
     "Check `x` is a 1-d integer tensor of unique ids in `[0, n)`."
     x = check_tensor(x, name, shape=(None,), dtype="long")
     if len(x) and (x.min() < 0 or x.max() >= n):
@@ -32,6 +38,48 @@ def _ids(x, name: str, n: int, what: str) -> torch.Tensor:
     if len(torch.unique(x)) != len(x):
         raise input_error(name, f"contains repeated {what} ids", "remove the duplicates")
     return x
+
+def check_semantics(semantic:str|Sequence[str], # a semantic input name, or several
+                    allowed:Sequence[str]=SEMANTICS, # the names accepted (a subset of `SEMANTICS`)
+                   )->tuple: # the names, as a tuple
+    "The semantic input name(s) `semantic` as a tuple; an empty list or a name outside `allowed` raises (naming `semantic`)."
+    sem = (semantic,) if isinstance(semantic, str) else tuple(semantic)
+    bad = [s for s in sem if s not in allowed]
+    if bad or not sem: raise input_error("semantic", f"unknown semantic input(s) {bad or sem}", f"use some of {list(allowed)}")
+    return sem
+
+def class_columns(classes:torch.Tensor|Sequence[int], # (C,) distinct class ids in column order, e.g. `data.seen`
+                  ids:torch.Tensor|Sequence[int]|None=None, # class ids to look up (any shape, e.g. labels); None: the whole table
+                  arg:str="ids",                 # the argument that errors about `ids` name
+                  n:int|None=None,               # table length (e.g. `data.n_cls`); default `max(classes) + 1`
+                  strict:bool=True,              # an id outside `classes` raises; False: its column is -1
+                 )->torch.Tensor: # long: the column of each of `ids`, or the `(n,)` table (-1 for classes not in `classes`)
+    "Columns of class ids in a matrix whose columns follow `classes` (the seen head: `data.seen[j]` is column `j`)."
+    as_t = lambda v: torch.as_tensor(v, dtype=torch.long) if isinstance(v, (list, tuple, range)) else v
+    classes = check_tensor(as_t(classes), "classes", shape=(None,), dtype="long")
+    if len(classes) and classes.min() < 0: raise input_error("classes", f"holds negative class id {classes.min().item()}", "pass class ids >= 0")
+    if len(torch.unique(classes)) != len(classes): raise input_error("classes", "contains repeated class ids", "remove the duplicates")
+    size = int(classes.max()) + 1 if len(classes) else 0
+    if n is not None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < size:
+            raise input_error("n", f"expected an int >= {size} (the largest class id + 1), got {n!r}", "pass data.n_cls")
+        size = n
+    if ids is not None:
+        ids = as_t(ids)
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise input_error(arg, f"expected integer class ids, got {getattr(ids, 'dtype', type(ids).__name__)}", "pass a long tensor of class ids")
+        ids = ids.long()
+        if ids.numel() and ids.min() < 0: raise input_error(arg, f"holds negative class id {ids.min().item()}", "pass class ids >= 0")
+        if ids.numel(): size = max(size, int(ids.max()) + 1)
+    table = torch.full((size,), -1, dtype=torch.long, device=classes.device)
+    table[classes] = torch.arange(len(classes), device=classes.device)
+    if ids is None: return table
+    ids = ids.to(classes.device); cols = table[ids]
+    if strict and (cols < 0).any():
+        bad = torch.unique(ids[cols < 0])
+        raise input_error(arg, f"holds class ids {bad[:5].tolist()} that are not among the {len(classes)} classes {classes[:8].tolist()}",
+                          "pass only ids of those classes (or strict=False for -1)")
+    return cols
 
 def _is_plain(v) -> bool:
     "True when `v` survives `torch.load(weights_only=True)`: tensors, numbers, str, None, lists/tuples/dicts of them."
@@ -44,7 +92,7 @@ def _is_plain(v) -> bool:
 @dataclass(eq=False)
 class ZSLData:
     "A zero-shot learning dataset: classes, semantic vectors, xlsa17-style splits, images and optional ground truth."
-    name: str
+    name: str                     # dataset name, e.g. 'cub'
     classes: list                 # n_cls class names
     labels: torch.Tensor          # (n_img,) long class ids
     splits: dict                  # split name -> (n,) long image indices
@@ -53,14 +101,14 @@ class ZSLData:
     val_classes: torch.Tensor     # (n_val,) sorted subset of seen
     dom: dict                     # semantic name -> (n_cls, d) float
     images: torch.Tensor | list   # uint8 (n_img, 3, H, W) or n_img file paths
-    attr_names: list | None = None
+    attr_names: list | None = None          # n_attr attribute names (columns of dom['attributes'])
     img_attrs: torch.Tensor | None = None   # (n_img, n_attr) float in [0, 1]
     masks: torch.Tensor | None = None       # (n_img, H, W) bool
     boxes: torch.Tensor | None = None       # (n_img, 4) float xyxy
     parts: torch.Tensor | None = None       # (n_img, P, 3) float x, y, visible (1/0), pixels of image(i)
     part_names: list | None = None          # P part names
     captions: dict | None = None            # class id -> list[str]
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # provenance and extras (e.g. 'image_root', 'files'); not hashed
 
     def __post_init__(self):
         if isinstance(self.images, (list, tuple)):
@@ -94,8 +142,8 @@ def _validate_core(d: ZSLData):
         raise input_error("labels", f"class ids must lie in [0, {n_cls}) but range over [{labels.min().item()}, {labels.max().item()}]",
                           "use indices into `classes` as labels")
     d.labels = labels
-    seen = _ids(d.seen, "seen", n_cls, "class"); unseen = _ids(d.unseen, "unseen", n_cls, "class")
-    val_classes = _ids(d.val_classes, "val_classes", n_cls, "class")
+    seen = check_ids(d.seen, "seen", n_cls, "class"); unseen = check_ids(d.unseen, "unseen", n_cls, "class")
+    val_classes = check_ids(d.val_classes, "val_classes", n_cls, "class")
     for nm, t in (("seen", seen), ("unseen", unseen), ("val_classes", val_classes)):
         if len(t) > 1 and not bool((t[1:] > t[:-1]).all()):
             raise input_error(nm, "class ids are not sorted", f"pass `torch.sort({nm}).values`")
@@ -120,7 +168,7 @@ def _validate_splits(d: ZSLData, labels, seen, unseen):
     if not isinstance(d.splits, dict): raise input_error("splits", f"expected a dict, got {type(d.splits).__name__}", f"pass a dict with keys {SPLITS}")
     miss = [k for k in SPLITS if k not in d.splits]
     if miss: raise input_error("splits", f"missing split(s) {miss}", f"provide all of {SPLITS} (`make_train_val` builds train/val)")
-    sp = {k: _ids(v, f"splits['{k}']", n_img, "image") for k, v in d.splits.items()}
+    sp = {k: check_ids(v, f"splits['{k}']", n_img, "image") for k, v in d.splits.items()}
     for a, b in (("trainval", "test_seen"), ("trainval", "test_unseen"), ("test_seen", "test_unseen"), ("train", "val")):
         common = sp[a][torch.isin(sp[a], sp[b])]
         if len(common): raise input_error(f"splits['{b}']", f"shares {len(common)} images with '{a}' (e.g. image {common[0].item()})",
@@ -207,10 +255,14 @@ def validate(self: ZSLData) -> ZSLData:
     return self
 
 # %% ../nbs/01_data.ipynb #850df4ae
-def make_train_val(labels: torch.Tensor, trainval: torch.Tensor, val_frac: float = 0.2, seed: int = 0):
+def make_train_val(labels:torch.Tensor,   # (n_img,) long class ids of all images
+                   trainval:torch.Tensor, # (n,) image indices to split
+                   val_frac:float=0.2,    # fraction of each class's images that go to val
+                   seed:int=0,            # seed of the shuffle
+                  ): # sorted `(train, val)` long image indices
     "Split `trainval` image indices into sorted `(train, val)`, stratified per class, at least one image per class in train."
     labels = check_tensor(labels, "labels", shape=(None,), dtype="long")
-    trainval = _ids(trainval, "trainval", len(labels), "image")
+    trainval = check_ids(trainval, "trainval", len(labels), "image")
     if not (isinstance(val_frac, (int, float)) and 0 <= val_frac < 1):
         raise input_error("val_frac", f"expected a fraction in [0, 1), got {val_frac!r}", "pass e.g. 0.2")
     g = torch.Generator().manual_seed(int(seed))
@@ -225,8 +277,14 @@ def make_train_val(labels: torch.Tensor, trainval: torch.Tensor, val_frac: float
     return train, val  # (n_train,), (n_val,) long
 
 # %% ../nbs/01_data.ipynb #20ccf185
-def make_toy_data(n_cls: int = 6, n_unseen: int = 2, n_per_class: int = 6, size: int = 8, n_attr: int = 5,
-                  n_val_classes: int = 1, seed: int = 0) -> ZSLData:
+def make_toy_data(n_cls:int=6,         # number of classes
+                  n_unseen:int=2,      # the last `n_unseen` classes are unseen
+                  n_per_class:int=6,   # images per class
+                  size:int=8,          # image side in pixels
+                  n_attr:int=5,        # attributes per class
+                  n_val_classes:int=1, # seen classes held out for validation (the first ones)
+                  seed:int=0,          # seed of the random pixels and attributes
+                 )->ZSLData:
     "A tiny valid `ZSLData` of random images and attributes (for tests); the last `n_unseen` classes are unseen."
     for nm, v, lo in (("n_cls", n_cls, 2), ("n_unseen", n_unseen, 1), ("n_per_class", n_per_class, 3), ("size", size, 1), ("n_attr", n_attr, 1)):
         if not isinstance(v, int) or v < lo: raise input_error(nm, f"expected an int >= {lo}, got {v!r}", f"pass {nm} >= {lo}")
@@ -255,7 +313,9 @@ def make_toy_data(n_cls: int = 6, n_unseen: int = 2, n_per_class: int = 6, size:
                    meta={"seed": seed}).validate()
 
 # %% ../nbs/01_data.ipynb #b6c7011e
-def load_image(path: str | Path, index: int | None = None) -> torch.Tensor:
+def load_image(path:str|Path,        # image file (any format PIL reads)
+               index:int|None=None, # image index, only to label error messages
+              )->torch.Tensor: # uint8 (3, H, W) RGB
     "Decode the image file at `path` with PIL into `uint8 (3, H, W)` RGB; `index` only labels error messages."
     from PIL import Image
     p, at = Path(path), f"image {index} " if index is not None else "image "
@@ -272,7 +332,8 @@ def load_image(path: str | Path, index: int | None = None) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 @patch
-def image_path(self: ZSLData, i: int) -> Path:
+def image_path(self:ZSLData, i:int, # image index
+              )->Path:
     "File path of image `i` (file-backed datasets), resolved against `meta['image_root']` when relative."
     if self.in_memory: raise input_error("images", "this dataset keeps its images in memory, not in files", "use `data.image(i)`")
     p = Path(self.images[i])
@@ -280,7 +341,8 @@ def image_path(self: ZSLData, i: int) -> Path:
     return p if p.is_absolute() or not root else Path(root) / p
 
 @patch
-def image(self: ZSLData, i: int) -> torch.Tensor:
+def image(self:ZSLData, i:int, # image index in [0, n_img)
+         )->torch.Tensor: # uint8 (3, H, W)
     "Image `i` as `uint8 (3, H, W)`."
     if isinstance(i, torch.Tensor) and i.numel() == 1: i = int(i)
     if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < self.n_img:
@@ -297,7 +359,9 @@ def _check_img(x, name="x"):
 
 class Normalize:
     "Subtract `mean` and divide by `std` per channel."
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, mean:Sequence[float]=IMAGENET_MEAN, # per-channel RGB means
+                 std:Sequence[float]=IMAGENET_STD,         # per-channel RGB standard deviations (> 0)
+                ):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise input_error("std", f"expected 3 means and 3 positive stds, got {mean}, {std}", "pass per-channel RGB statistics")
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
@@ -306,7 +370,8 @@ class Normalize:
 
 class Resize:
     "Resize to `size` (int: square `(size, size)`; or `(h, w)`) with bilinear antialiased interpolation."
-    def __init__(self, size: int | tuple[int, int]):
+    def __init__(self, size:int|tuple[int, int], # int: a square side; or (h, w)
+                ):
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             raise input_error("size", f"expected a positive int or (h, w), got {size!r}", "pass e.g. 224")
@@ -320,7 +385,8 @@ class Resize:
 
 class RandomHFlip:
     "Flip left-right with probability `p` (one draw per call)."
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p:float=0.5, # probability of a flip
+                ):
         if not 0 <= p <= 1: raise input_error("p", f"expected a probability, got {p!r}", "pass p in [0, 1]")
         self.p = p
     def __call__(self, x): x = _check_img(x); return x.flip(-1) if torch.rand(()) < self.p else x
@@ -328,7 +394,8 @@ class RandomHFlip:
 
 class Compose:
     "Apply callables in order."
-    def __init__(self, *tfms: Callable):
+    def __init__(self, *tfms:Callable, # transforms, applied first to last
+                ):
         if not all(callable(t) for t in tfms): raise input_error("tfms", "every transform must be callable", "pass functions or transform objects")
         self.tfms = tfms
     def __call__(self, x):
@@ -339,7 +406,10 @@ class Compose:
 # %% ../nbs/01_data.ipynb #06eac004
 class ZSLDataset(torch.utils.data.Dataset):
     "Images `idx` of a `ZSLData` as `(x float (3, H, W), y long class id, idx long)` items."
-    def __init__(self, data: ZSLData, idx: torch.Tensor, transform: Callable | None = None):
+    def __init__(self, data:ZSLData,              # the dataset
+                 idx:torch.Tensor,                # (n,) long image indices
+                 transform:Callable|None=None,    # applied to each float image in [0, 1]
+                ):
         self.data, self.idx, self.transform = data, idx, transform
     def __len__(self): return len(self.idx)
     @property
@@ -358,12 +428,14 @@ class ZSLDataset(torch.utils.data.Dataset):
     def __repr__(self): return f"ZSLDataset({self.data.name!r}, {len(self)} images, transform={self.transform})"
 
 @patch
-def dataset(self: ZSLData, split: str | torch.Tensor, transform: Callable | None = None) -> ZSLDataset:
+def dataset(self:ZSLData, split:str|torch.Tensor, # a split name in `splits`, or image indices
+            transform:Callable|None=None,            # applied to each float image in [0, 1]
+           )->ZSLDataset:
     "A torch `Dataset` of the images of `split` (a name in `splits` or a tensor of image indices)."
     if isinstance(split, str):
         if split not in self.splits: raise input_error("split", f"no split named {split!r}", f"use one of {sorted(self.splits)}")
         idx = self.splits[split]
-    else: idx = _ids(torch.as_tensor(split) if isinstance(split, (list, tuple)) else split, "split", self.n_img, "image")
+    else: idx = check_ids(torch.as_tensor(split) if isinstance(split, (list, tuple)) else split, "split", self.n_img, "image")
     if transform is not None and not callable(transform):
         raise input_error("transform", f"expected a callable, got {type(transform).__name__}", "pass e.g. `Normalize()` or None")
     return ZSLDataset(self, idx, transform)
@@ -379,13 +451,14 @@ def present_classes(self: ZSLData) -> torch.Tensor:
     return torch.sort(torch.cat([ok_seen, ok_unseen])).values
 
 @patch
-def subset_classes(self: ZSLData, class_ids) -> ZSLData:
+def subset_classes(self:ZSLData, class_ids, # class ids to keep (tensor or list)
+                  )->ZSLData:
     "A validated `ZSLData` with only the images of `class_ids`; class ids are remapped to `0..k-1` (sorted old order)."
-    keep = _ids(torch.as_tensor(class_ids) if isinstance(class_ids, (list, tuple)) else class_ids, "class_ids", self.n_cls, "class")
+    keep = check_ids(torch.as_tensor(class_ids) if isinstance(class_ids, (list, tuple)) else class_ids, "class_ids", self.n_cls, "class")
     keep = torch.sort(keep).values
     if not len(keep): raise input_error("class_ids", "is empty", "pass the class ids to keep")
     labels = torch.as_tensor(self.labels, dtype=torch.long)
-    cmap = torch.full((self.n_cls,), -1, dtype=torch.long); cmap[keep] = torch.arange(len(keep))
+    cmap = class_columns(keep, n=self.n_cls)                                    # old class id -> new one, -1 when dropped
     img_keep = torch.nonzero(torch.isin(labels, keep)).flatten()                # (n_img_new,) old image ids, sorted
     imap = torch.full((self.n_img,), -1, dtype=torch.long); imap[img_keep] = torch.arange(len(img_keep))
     def cls(t): t = torch.as_tensor(t, dtype=torch.long); return cmap[t[torch.isin(t, keep)]]
@@ -416,11 +489,10 @@ def summary(self: ZSLData):
     return pd.DataFrame(rows).set_index("split")
 
 @patch
-def class_columns(self: ZSLData, order: torch.Tensor) -> torch.Tensor:
-    "`(n_cls,)` long lookup: position of each class id in `order`, -1 where absent."
-    order = _ids(order, "order", self.n_cls, "class")
-    lut = torch.full((self.n_cls,), -1, dtype=torch.long); lut[order] = torch.arange(len(order))
-    return lut
+def class_columns(self:ZSLData, order:torch.Tensor, # class ids of the columns, in column order (e.g. `data.seen`)
+                 )->torch.Tensor: # (n_cls,) long: the column of each class id, -1 where absent
+    "`(n_cls,)` long lookup: position of each class id in `order`, -1 where absent (see the function `class_columns`)."
+    return class_columns(check_ids(order, "order", self.n_cls, "class"), n=self.n_cls)
 
 def _hash_obj(h, v):
     if isinstance(v, torch.Tensor):
@@ -437,7 +509,8 @@ def _hash_obj(h, v):
 _HASH_IF_SET = ("parts", "part_names")    # fields added after the first release: hashed only when not None
 
 @patch
-def fingerprint(self: ZSLData, n: int = 12) -> str:
+def fingerprint(self:ZSLData, n:int=12, # hex digits kept
+               )->str:
     "Stable hex content hash of every field but `meta` (labels, splits, dom, images or paths, ground truth)."
     h = hashlib.sha256()
     for f in fields(self):
@@ -464,20 +537,23 @@ def to_dict(self: ZSLData) -> dict:
     return obj
 
 @patch(cls_method=True)
-def from_dict(cls: ZSLData, obj: dict) -> ZSLData:
+def from_dict(cls:ZSLData, obj:dict, # the output of `to_dict`
+             )->ZSLData:
     "Rebuild and validate a `ZSLData` from `to_dict` output."
     if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
         raise input_error("obj", f"is not a saved ZSLData (format {_FORMAT})", "re-create it with `ZSLData.to_dict` / `ZSLData.save`")
     return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj}).validate()
 
 @patch
-def save(self: ZSLData, path: str | Path) -> Path:
+def save(self:ZSLData, path:str|Path, # the file to write
+        )->Path:
     "Validate and save to `path` atomically (one `torch.save` file of `to_dict()`); returns the path."
     atomic_torch_save(self.to_dict(), Path(path))
     return Path(path)
 
 @patch(cls_method=True)
-def load(cls: ZSLData, path: str | Path) -> ZSLData:
+def load(cls:ZSLData, path:str|Path, # a file written by `save`
+        )->ZSLData:
     "Load a `ZSLData` written by `save` (safe `weights_only` unpickling) and validate it."
     p = Path(path)
     if not p.is_file(): raise input_error("path", f"no file at {str(p)!r}", "pass a path written by `ZSLData.save`")
@@ -491,7 +567,8 @@ def load(cls: ZSLData, path: str | Path) -> ZSLData:
 # %% ../nbs/01_data.ipynb #f2a6e02a
 DATASETS: dict = {}   # name -> loader(cfg) -> ZSLData (cfg: a RunConfig, or anything with the fields the loader reads)
 
-def register_dataset(name: str):
+def register_dataset(name:str, # the dataset's name, e.g. 'cub' (`RunConfig(dataset=...)`)
+                    ):
     "Decorator: register `fn(cfg) -> ZSLData` as the loader of dataset `name`."
     if not isinstance(name, str) or not name.strip(): raise input_error("name", f"expected a dataset name, got {name!r}", "pass e.g. 'cub'")
     def deco(fn):

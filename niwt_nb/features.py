@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 from .core import Config, input_error, check_tensor, data_root
-from .data import ZSLData, ZSLDataset, make_train_val, _ids
+from .data import ZSLData, ZSLDataset, make_train_val, check_ids
 from .models import NIWTNet
 from .xlsa17 import (read_splits_mat, read_res101_mat, read_class_list, match_classes, check_labels, check_split_classes,
-                            class_ids, pick_val_classes, SPLIT_KEYS)
+                            pick_val_classes, listed_val_classes, reorder_rows, check_fake_args, SPLIT_KEYS)
 
 # %% auto #0
 __all__ = ['FeatureData', 'FeatureDataset', 'features_to_data', 'load_xlsa17_features', 'make_fake_xlsa17_features',
@@ -47,7 +47,8 @@ class FeatureData(ZSLData):
         check_tensor(x, "images", shape=(self.n_img, None, 1, 1))          # finite
         return self
 
-    def subset_classes(self, class_ids) -> "FeatureData":
+    def subset_classes(self, class_ids, # class ids to keep (tensor or list)
+                      ) -> "FeatureData":
         "A validated `FeatureData` with only the images of `class_ids` (see `ZSLData.subset_classes`)."
         proxy = copy.copy(self); proxy.images = self._placeholder()
         sub = ZSLData.subset_classes(proxy, class_ids)
@@ -57,17 +58,22 @@ class FeatureData(ZSLData):
         return FeatureData(**{f.name: getattr(sub, f.name) for f in fields(ZSLData) if f.name != "images"},
                            images=self.images[img_keep]).validate()
 
-    def image(self, i: int) -> torch.Tensor:
+    def image(self, i:int, # image index in [0, n_img)
+             ) -> torch.Tensor:
         "Features of image `i`, `(K, 1, 1)` float."
         if isinstance(i, torch.Tensor) and i.numel() == 1: i = int(i)
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < self.n_img:
             raise input_error("i", f"expected an image index in [0, {self.n_img}), got {i!r}", "pass an int index")
         return self.images[i]
 
-    def dataset(self, split, transform=None) -> "FeatureDataset":
+    def dataset(self, split,      # a split name in `splits`, or image indices
+                transform=None,   # applied to each feature item
+               ) -> "FeatureDataset":
         "A torch `Dataset` of `(features (K,1,1), class id, index)` for `split` (a name or an index tensor)."
         ds = ZSLData.dataset(self, split, transform)
         return FeatureDataset(self, ds.idx, transform)
+
+FeatureData.__delwrap__ = ZSLData   # its fields are ZSLData's: docments (and show_doc) read their comments there
 
 class FeatureDataset(ZSLDataset):
     "Items `(x float (K,1,1), y, idx)` of a `FeatureData` (no `/255` scaling)."
@@ -77,15 +83,23 @@ class FeatureDataset(ZSLDataset):
         return [self._item(x, i) for x, i in zip(self.data.images[ii], ii)]
 
 # %% ../nbs/02d_features.ipynb #67362ac1
-def features_to_data(name: str, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], splits: dict,
-                     dom: dict, val_classes: torch.Tensor | None = None, val_frac: float = 0.2, seed: int = 0,
-                     meta: dict | None = None) -> FeatureData:
+def features_to_data(name:str,                # dataset name
+                     features:torch.Tensor,   # (n_img, K) float features
+                     labels:torch.Tensor,     # (n_img,) long class ids
+                     classes:Sequence[str],   # class names, in class-id order
+                     splits:dict,             # 'trainval', 'test_seen', 'test_unseen' -> 0-based image indices
+                     dom:dict,                # semantic name -> (n_cls, d) class vectors
+                     val_classes:torch.Tensor|None=None, # listed validation class ids (else drawn, see `pick_val_classes`)
+                     val_frac:float=0.2,      # fraction of trainval images held out as val
+                     seed:int=0,              # seed of the train/val split (and of drawn val classes)
+                     meta:dict|None=None,     # extra meta entries
+                    )->FeatureData:
     "A validated `FeatureData` from features `(n_img, K)`, labels `(n_img,)` and the `trainval`/`test_seen`/`test_unseen` image indices."
     X = check_tensor(features, "features", shape=(None, None), dtype="float").float()
     labels = check_tensor(labels, "labels", shape=(len(X),), dtype="long")
     if not isinstance(splits, dict) or any(k not in splits for k in SPLIT_KEYS):
         raise input_error("splits", f"expected a dict with keys {SPLIT_KEYS}", "pass the xlsa17 splits (0-based image indices)")
-    splits = {k: _ids(splits[k], f"splits['{k}']", len(X), "image") for k in SPLIT_KEYS}
+    splits = {k: check_ids(splits[k], f"splits['{k}']", len(X), "image") for k in SPLIT_KEYS}
     seen, unseen = torch.unique(labels[splits["trainval"]]), torch.unique(labels[splits["test_unseen"]])
     val, how = pick_val_classes(seen, val_classes, seed)
     train, va = make_train_val(labels, splits["trainval"], val_frac, seed)
@@ -95,8 +109,14 @@ def features_to_data(name: str, features: torch.Tensor, labels: torch.Tensor, cl
                        meta={**(meta or {}), "val_classes_source": how, "kind": "features"}).validate()
 
 # %% ../nbs/02d_features.ipynb #9984aa5d
-def load_xlsa17_features(xlsa17_dir, classes: Sequence[str] | None = None, val_classes: int | Sequence[str] | None = 1,
-                         val_frac: float = 0.2, seed: int = 0, check_files: bool = True, name: str | None = None) -> FeatureData:
+def load_xlsa17_features(xlsa17_dir,                     # an xlsa17 dataset folder (res101.mat, att_splits.mat)
+                         classes:Sequence[str]|None=None, # class-id order; None: att_splits.mat's `allclasses_names` order
+                         val_classes:int|Sequence[str]|None=1, # k: valclasses{k}.txt; or class names; None: drawn
+                         val_frac:float=0.2,              # fraction of trainval images held out as val
+                         seed:int=0,                      # seed of the train/val split (and of drawn val classes)
+                         check_files:bool=True,           # check each image's class folder against its label
+                         name:str|None=None,              # dataset name; None: '<folder>_res101'
+                        )->FeatureData:
     "xlsa17 ResNet-101 features of one dataset folder as a `FeatureData` (`images` `(N, 2048, 1, 1)`)."
     x = Path(xlsa17_dir)
     if not (x / "res101.mat").is_file():
@@ -111,26 +131,28 @@ def load_xlsa17_features(xlsa17_dir, classes: Sequence[str] | None = None, val_c
     perm = match_classes(names, classes)
     labels = perm[r["labels"]]
     check_split_classes(labels, spl["splits"], classes, x)
-    dom = {"attributes": torch.empty_like(spl["att"])}; dom["attributes"][perm] = spl["att"]
-    if spl["original_att"] is not None: dom["attributes_raw"] = torch.empty_like(spl["original_att"]); dom["attributes_raw"][perm] = spl["original_att"]
+    dom = {"attributes": reorder_rows(spl["att"], perm)}
+    if spl["original_att"] is not None: dom["attributes_raw"] = reorder_rows(spl["original_att"], perm)
     if (x / "sent_splits.mat").is_file():
         s2 = read_splits_mat(x / "sent_splits.mat", n_img=len(r["files"]))
-        dom["sent"] = torch.empty_like(s2["att"]); dom["sent"][match_classes(s2["classes"], classes)] = s2["att"]
-    listed = None
-    if isinstance(val_classes, int) and not isinstance(val_classes, bool):
-        if (x / f"valclasses{val_classes}.txt").is_file(): listed = class_ids(read_class_list(x / f"valclasses{val_classes}.txt"), classes)
-    elif val_classes is not None: listed = class_ids(val_classes, classes)
+        dom["sent"] = reorder_rows(s2["att"], match_classes(s2["classes"], classes))
+    listed = listed_val_classes(x, val_classes, classes)
     return features_to_data(name or f"{x.name.lower()}_res101", r["features"], labels, classes, dict(spl["splits"]), dom, listed,
                             val_frac, seed, meta={"files": r["files"], "image_ids_original": torch.arange(len(labels)),
                                                   "source": {"xlsa17_dir": str(x)}})
 
 # %% ../nbs/02d_features.ipynb #0793ff82
-def make_fake_xlsa17_features(xlsa17_dir, n_cls: int = 6, unseen: Sequence[int] = (1, 4), per_class: int = 8, K: int = 16,
-                              n_attr: int = 5, seed: int = 0) -> Path:
+def make_fake_xlsa17_features(xlsa17_dir,                  # the folder to write into
+                              n_cls:int=6,                 # number of classes (3 to 26)
+                              unseen:Sequence[int]=(1, 4), # the zero-shot class ids
+                              per_class:int=8,             # images per class (>= 4)
+                              K:int=16,                    # feature size
+                              n_attr:int=5,                # attributes per class
+                              seed:int=0,                  # seed of attributes, features and class order
+                             )->Path:
     "Write tiny xlsa17 `res101.mat`, `att_splits.mat` and `valclasses1.txt` into `xlsa17_dir`; returns it."
     import scipy.io
-    from niwt_nb.cub import _check_fake
-    _check_fake(n_cls, unseen, per_class, n_attr)
+    check_fake_args(n_cls, unseen, per_class, n_attr)
     if not (isinstance(K, int) and K >= 1): raise input_error("K", f"expected a positive int, got {K!r}", "pass e.g. K=2048")
     x, g = Path(xlsa17_dir), np.random.default_rng(seed)
     x.mkdir(parents=True, exist_ok=True)
@@ -174,11 +196,14 @@ class FeatureModelConfig(Config):
 
 class FeatureInput(nn.Module):
     "`(B, K)` or `(B, K, 1, 1)` features -> `A (B, K, 1, 1)`."
-    def forward(self, x): return x.reshape(len(x), -1, 1, 1)
+    def __init__(self): super().__init__()
+    def forward(self, x, # (B, K) or (B, K, 1, 1) features
+               ): return x.reshape(len(x), -1, 1, 1)
 
 class FeatureNet(NIWTNet):
     "A `NIWTNet` on precomputed features: the importance layer is the feature vector itself (`A (B, K, 1, 1)`)."
-    def acts(self, x: torch.Tensor) -> torch.Tensor:
+    def acts(self, x:torch.Tensor, # features (B, K) or (B, K, 1, 1)
+            ) -> torch.Tensor:
         "Activations `A (B, K, 1, 1)` for features `x (B, K)` or `(B, K, 1, 1)`."
         ok = isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim in (2, 4) and x.shape[1] == self.K and (x.ndim == 2 or tuple(x.shape[2:]) == (1, 1))
         if not ok:
@@ -186,7 +211,9 @@ class FeatureNet(NIWTNet):
                               f"{tuple(getattr(x, 'shape', ()))}", "pass rows of FeatureData.images")
         return self.body(x)
 
-def build_feature_model(cfg: FeatureModelConfig | None = None, n_seen: int = 2) -> FeatureNet:
+def build_feature_model(cfg:FeatureModelConfig|None=None, # sizes, dropout and init seed; None: the defaults
+                        n_seen:int=2,                    # number of seen classes (outputs of the classifier)
+                       )->FeatureNet:
     "A randomly initialised `FeatureNet` for `n_seen` seen classes (init seeded by `cfg.seed`, global RNG untouched)."
     cfg = FeatureModelConfig() if cfg is None else cfg
     if not isinstance(cfg, FeatureModelConfig): raise input_error("cfg", f"expected a FeatureModelConfig, got {type(cfg).__name__}", "pass FeatureModelConfig(...)")
@@ -204,7 +231,9 @@ def build_feature_model(cfg: FeatureModelConfig | None = None, n_seen: int = 2) 
 # %% ../nbs/02d_features.ipynb #b7cce1cb
 from .data import register_dataset
 
-def xlsa17_dataset_dir(root, dataset: str) -> Path:
+def xlsa17_dataset_dir(root,       # a folder holding xlsa17 (or the dataset's xlsa17 folder itself); None: `data_root()`
+                       dataset:str, # the dataset's xlsa17 name: 'CUB', 'AWA2', ...
+                      )->Path:
     "The xlsa17 folder of `dataset` ('CUB', 'AWA2', ...) under `root` (`root` itself when it holds res101.mat)."
     root = Path(root) if root is not None else data_root()
     for d in (root, root / "xlsa17" / "data" / dataset, root / "data" / dataset, root / dataset):
@@ -212,12 +241,14 @@ def xlsa17_dataset_dir(root, dataset: str) -> Path:
     raise input_error("root", f"no res101.mat for {dataset} under {str(root)!r}", "pass the xlsa17 folder (fetch('xlsa17') downloads it)")
 
 @register_dataset("cub_res101")
-def cub_res101_from_config(cfg) -> FeatureData:
+def cub_res101_from_config(cfg, # a RunConfig (reads `root`)
+                          )->FeatureData:
     "The `'cub_res101'` dataset: xlsa17 CUB ResNet-101 features (classes in CUB's order 001-200)."
     d = xlsa17_dataset_dir(cfg.root, "CUB")
     return load_xlsa17_features(d, classes=sorted(read_splits_mat(d / "att_splits.mat")["classes"]))
 
 @register_dataset("awa2_res101")
-def awa2_res101_from_config(cfg) -> FeatureData:
+def awa2_res101_from_config(cfg, # a RunConfig (reads `root`)
+                           )->FeatureData:
     "The `'awa2_res101'` dataset: xlsa17 AwA2 ResNet-101 features."
     return load_xlsa17_features(xlsa17_dataset_dir(cfg.root, "AWA2"))

@@ -9,15 +9,19 @@ from collections import Counter
 from typing import Protocol, Sequence, runtime_checkable
 import torch
 from .core import input_error, check_tensor, hash_key, ArtifactStore, import_torchvision
+from .data import SEMANTICS
 
 # %% auto #0
-__all__ = ['ENCODERS', 'SEMANTICS', 'normalize_dom', 'TextEncoder', 'TfidfEncoder', 'minilm_available', 'MiniLMEncoder',
+__all__ = ['ENCODERS', 'normalize_dom', 'TextEncoder', 'tokenize', 'TfidfEncoder', 'minilm_available', 'MiniLMEncoder',
            'get_text_encoder', 'embed_class_texts', 'embed_texts', 'add_semantic']
 
 # %% ../nbs/03_semantic.ipynb #cb8f5171
 _NORMS = ("l2", "zscore", "none")
 
-def normalize_dom(dom: torch.Tensor, how: str = "l2", ref: torch.Tensor | None = None) -> torch.Tensor:
+def normalize_dom(dom:torch.Tensor,            # (n_cls, d) class vectors
+                  how:str="l2",                # 'l2' (rows), 'zscore' (columns) or 'none'
+                  ref:torch.Tensor|None=None,  # class ids whose statistics 'zscore' uses (default: all rows)
+                 )->torch.Tensor: # (n_cls, d) normalised copy
     "Normalise domain vectors `dom (n_cls, d)`: `'l2'` rows, `'zscore'` columns (statistics over `ref` rows), or `'none'`."
     dom = check_tensor(dom, "dom", shape=(None, None), dtype="float")
     if how not in _NORMS: raise input_error("how", f"unknown normalisation {how!r}", f"use one of {list(_NORMS)}")
@@ -42,7 +46,8 @@ class TextEncoder(Protocol):
     "What `embed_class_texts` needs: `.name`, `.dim` and `.encode(list[str]) -> (n, dim)` float tensor."
     name: str
     dim: int
-    def encode(self, texts: list[str]) -> torch.Tensor: ...
+    def encode(self, texts:list[str], # the texts to embed
+              ) -> torch.Tensor: ... # (n, dim) float
 
 def _check_texts(texts, name: str = "texts") -> list[str]:
     if isinstance(texts, str): texts = [texts]
@@ -63,11 +68,17 @@ def _check_encoder(encoder):
 # %% ../nbs/03_semantic.ipynb #c646e6cb
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
-def _tokens(text: str) -> list[str]: return _TOKEN.findall(text.lower())
+def tokenize(text:str, # any text
+            )->list[str]: # its lower-cased words of two or more letters/digits, in order
+    "The words TF-IDF counts (and the explainers match): lower-cased runs of >= 2 word characters."
+    return _TOKEN.findall(text.lower())
 
 class TfidfEncoder:
     "TF-IDF text encoder fitted on a corpus (sublinear tf, smoothed idf, L2 rows), optionally reduced to `dim` by truncated SVD."
-    def __init__(self, dim: int | None = None, min_df: int = 1, max_features: int | None = None):
+    def __init__(self, dim:int|None=None,        # reduce to this many SVD components; None: the vocabulary space
+                 min_df:int=1,                 # keep words that occur in at least this many texts
+                 max_features:int|None=None,   # keep at most this many words (the most frequent)
+                ):
         for arg, v in (("dim", dim), ("max_features", max_features)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise input_error(arg, f"expected a positive int or None, got {v!r}", f"pass e.g. {arg}=300")
@@ -98,10 +109,11 @@ class TfidfEncoder:
         norms = torch.zeros(len(docs), dtype=torch.float64).index_add_(0, idx[0], vals ** 2).sqrt().clamp_min(1e-12)
         return torch.sparse_coo_tensor(idx, vals / norms[idx[0]], (len(docs), len(self.vocab)), check_invariants=True).coalesce()
 
-    def fit(self, corpus: Sequence[str]) -> "TfidfEncoder":
+    def fit(self, corpus:Sequence[str], # the texts that define the vocabulary and idf
+           ) -> "TfidfEncoder":
         "Learn the vocabulary, idf (and SVD components when `dim` is set) from `corpus`; returns self."
         corpus = _check_texts(corpus, "corpus")
-        docs = [_tokens(t) for t in corpus]
+        docs = [tokenize(t) for t in corpus]
         df = Counter(t for d in docs for t in set(d))
         terms = [t for t, c in df.items() if c >= self.min_df]
         if self.max_features is not None: terms = sorted(terms, key=lambda t: (-df[t], t))[:self.max_features]
@@ -127,11 +139,12 @@ class TfidfEncoder:
             self.components = comp * sign
         return self
 
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode(self, texts:Sequence[str], # the texts to embed
+              ) -> torch.Tensor:
         "Encode `texts` to `(n, dim)` float32 unit vectors (zero vectors for texts with no known word)."
         if not self.fitted: raise input_error("encoder", "this TfidfEncoder is not fitted", "call .fit(corpus) first")
         texts = _check_texts(texts)
-        X = self._tfidf([_tokens(t) for t in texts])  # (n, V) sparse
+        X = self._tfidf([tokenize(t) for t in texts])  # (n, V) sparse
         if self.components is None: return X.to_dense().float()
         Z = torch.sparse.mm(X, self.components)  # (n, dim)
         return (Z / Z.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
@@ -175,8 +188,11 @@ class MiniLMEncoder:
     "all-MiniLM-L6-v2 sentence embeddings (384-d unit vectors), offline, loaded lazily, cached on disk by text hash."
     name, dim = "minilm", 384
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64, store: ArtifactStore | None | bool = None,
-                 cache_min: int = 16):
+    def __init__(self, device:str="cpu",   # torch device of the model
+                 batch_size:int=64,        # texts per forward pass
+                 store:ArtifactStore|None|bool=None, # the disk cache: None: `ArtifactStore()` under `cache_root()`; False: none
+                 cache_min:int=16,         # lists of at least this many texts are cached on disk
+                ):
         if not isinstance(batch_size, int) or batch_size < 1: raise input_error("batch_size", f"expected an int >= 1, got {batch_size!r}", "pass e.g. 64")
         self.device, self.batch_size, self.cache_min = str(device), batch_size, cache_min
         self._store = store  # None: ArtifactStore() under cache_root(), resolved at use; False: no disk cache
@@ -202,7 +218,8 @@ class MiniLMEncoder:
                                   normalize_embeddings=True, show_progress_bar=False)
         return E.float().cpu().clone()  # (n, 384); clone leaves inference mode
 
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode(self, texts:Sequence[str], # the texts to embed
+              ) -> torch.Tensor:
         "Encode `texts` to `(n, 384)` float32 unit vectors; results for lists of >= `cache_min` texts are cached on disk."
         texts = _check_texts(texts)
         st = self.store
@@ -217,7 +234,10 @@ class MiniLMEncoder:
 # %% ../nbs/03_semantic.ipynb #9b7ce40b
 ENCODERS = ("auto", "minilm", "tfidf")
 
-def get_text_encoder(name: str = "auto", corpus: Sequence[str] | None = None, **kw):
+def get_text_encoder(name:str="auto",                # 'minilm', 'tfidf' or 'auto' (see `ENCODERS`)
+                     corpus:Sequence[str]|None=None, # texts to fit a TF-IDF encoder on (ignored by MiniLM)
+                     **kw,                           # passed to the encoder's constructor
+                    ):
     "A text encoder by name: `'minilm'`, `'tfidf'` (fitted on `corpus` when given) or `'auto'` (MiniLM if installed, else TF-IDF)."
     if name not in ENCODERS: raise input_error("name", f"unknown text encoder {name!r}", f"use one of {list(ENCODERS)}")
     if name == "auto":
@@ -234,7 +254,11 @@ def get_text_encoder(name: str = "auto", corpus: Sequence[str] | None = None, **
     return enc.fit(corpus) if corpus is not None else enc
 
 # %% ../nbs/03_semantic.ipynb #d72b131b
-def embed_class_texts(captions: dict, n_cls: int, encoder, class_names: Sequence[str] | None = None) -> torch.Tensor:
+def embed_class_texts(captions:dict,  # class id -> list of captions
+                      n_cls:int,      # number of classes (every one needs captions)
+                      encoder,        # a `TextEncoder` (`MiniLMEncoder`, fitted `TfidfEncoder`, ...)
+                      class_names:Sequence[str]|None=None, # class names, only for error messages
+                     )->torch.Tensor:
     "Class vectors `(n_cls, d)`: the L2-normalised mean of each class's caption embeddings (`captions`: class id -> list of str)."
     _check_encoder(encoder)
     if not isinstance(captions, dict): raise input_error("captions", f"expected a dict class id -> list of str, got {type(captions).__name__}", "pass e.g. {0: ['a red bird', ...], ...}")
@@ -255,25 +279,30 @@ def embed_class_texts(captions: dict, n_cls: int, encoder, class_names: Sequence
     M = M / torch.bincount(owner, minlength=n_cls).unsqueeze(1).to(E.dtype)  # (n_cls, d) means
     return M / M.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-def embed_texts(texts: str | Sequence[str], encoder) -> torch.Tensor:
+def embed_texts(texts:str|Sequence[str], # a text or a list of texts
+                encoder,                 # a `TextEncoder`, the one the class vectors were made with
+               )->torch.Tensor:
     "Embed free text (a string or list of strings) with `encoder`: `(n, d)` unit vectors in the same space as the class vectors."
     _check_encoder(encoder)
     E = encoder.encode(_check_texts(texts))  # (n, d)
     return E / E.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 # %% ../nbs/03_semantic.ipynb #a9c92edb
-SEMANTICS = ("attributes", "captions")
-
-def add_semantic(data, semantic: str, encoder=None):
-    "Ensure `data.dom[semantic]` (n_cls, d) exists: check `'attributes'`, or embed `'captions'` with `encoder`; returns `data`."
+def add_semantic(data,         # a `ZSLData` (or anything with `classes`, `dom` and, for captions, `captions`)
+                 semantic:str, # one of `SEMANTICS` (niwt_nb.data)
+                 encoder=None, # text encoder for 'captions'; None: `get_text_encoder('auto')` fitted on the captions
+                ):
+    "Ensure `data.dom[semantic]` (n_cls, d) exists: check a loaded input (`'attributes'`, `'sent'`, ...), or embed `'captions'` with `encoder`; returns `data`."
     if semantic not in SEMANTICS: raise input_error("semantic", f"unknown semantic {semantic!r}", f"use one of {list(SEMANTICS)}")
     for a in ("classes", "dom"):
         if not hasattr(data, a): raise input_error("data", f"{type(data).__name__} has no `.{a}`", "pass a niwt_nb.data.ZSLData")
     n_cls = len(data.classes)
-    if semantic == "attributes":
-        if "attributes" not in data.dom:
-            raise input_error("semantic", f"dataset {getattr(data, 'name', '')!r} has no class attributes", "use semantic='captions'")
-        check_tensor(data.dom["attributes"], "data.dom['attributes']", shape=(n_cls, None))
+    if semantic != "captions":                        # read with the dataset: checked, not recomputed
+        if semantic not in data.dom:
+            what = "class attributes" if semantic == "attributes" else f"dom[{semantic!r}]"
+            raise input_error("semantic", f"dataset {getattr(data, 'name', '')!r} has no {what}",
+                              "use semantic='captions'" if semantic == "attributes" else "load it with the dataset, or use another semantic input")
+        check_tensor(data.dom[semantic], f"data.dom['{semantic}']", shape=(n_cls, None))
         return data
     caps = getattr(data, "captions", None)
     if not caps: raise input_error("semantic", f"dataset {getattr(data, 'name', '')!r} has no captions", "use semantic='attributes' or load captions")

@@ -41,12 +41,12 @@ def _group_slices() -> dict:
 @dataclass(frozen=True)
 class ShapesConfig(Config):
     "Settings of the Shapes benchmark; `hash()` keys the on-disk cache."
-    seed: int = 0
+    seed: int = 0                  # seed of the class design, images, splits and captions
     size: int = 32                 # image side in pixels
-    n_classes: int = 48
-    n_unseen: int = 12
+    n_classes: int = 48            # number of classes
+    n_unseen: int = 12             # zero-shot classes among them
     n_val_classes: int = 6         # seen classes held out for dom2alpha early stopping
-    n_per_class: int = 120
+    n_per_class: int = 120         # images per class
     test_frac: float = 0.2         # seen images held out as test_seen
     val_frac: float = 0.1          # trainval images held out as val (fine-tuning early stopping)
     p_typical: tuple = (0.85, 0.99)  # range of P(typical value) per class and group
@@ -56,7 +56,7 @@ class ShapesConfig(Config):
     jitter: float = 0.15           # centre jitter as a fraction of the side
     colour_noise: float = 0.06     # std of per-image colour noise
     pixel_noise: float = 0.03      # std of per-pixel noise
-    n_captions: int = 8
+    n_captions: int = 8            # captions per class
 
     def __post_init__(self):
         ints = dict(seed=0, size=16, n_classes=3, n_unseen=1, n_val_classes=0, n_per_class=5, n_alt=1, min_dist=1, min_cover=1, n_captions=1)
@@ -282,7 +282,9 @@ def _generate(cfg: ShapesConfig) -> ZSLData:
                    attr_names=names, img_attrs=img_attrs, masks=masks, boxes=_boxes(masks), captions=captions,
                    meta={"generator": "niwt_nb.shapes", "config": cfg.to_dict(), "typical": torch.as_tensor(typ)}).validate()
 
-def make_shapes(cfg: ShapesConfig = ShapesConfig(), cache: bool | str | Path = True) -> ZSLData:
+def make_shapes(cfg:ShapesConfig=ShapesConfig(), # the benchmark's settings
+                cache:bool|str|Path=True,        # True: under `cache_root()`; a folder: there; False: generate without caching
+               )->ZSLData:
     "The Shapes benchmark for `cfg`, loaded from / saved to the cache (`cache_root()/shapes/<cfg.hash()>.pt`, or under folder `cache`)."
     if not isinstance(cfg, ShapesConfig): raise input_error("cfg", f"expected a ShapesConfig, got {type(cfg).__name__}", "pass `ShapesConfig(...)`")
     if not isinstance(cache, (bool, str, Path)): raise input_error("cache", f"expected True/False or a folder, got {cache!r}", "pass cache=False to skip the disk cache")
@@ -298,7 +300,13 @@ def _class_ids(data: ZSLData, classes, default):
         raise input_error("classes", f"expected a non-empty list of class ids in [0, {data.n_cls}), got {classes!r}", "pass class ids")
     return c.long()
 
-def plot_samples(data: ZSLData, classes=None, n: int = 8, split: str | None = None, seed: int = 0, size: float = 0.6):
+def plot_samples(data:ZSLData,         # the dataset
+                 classes=None,         # class ids, one row each; None: 3 seen + 3 unseen
+                 n:int=8,              # images per class (columns)
+                 split:str|None=None,  # draw from this split only; None: all images
+                 seed:int=0,           # seed of the draw
+                 size:float=0.6,       # inches per image
+                ):
     "Grid of `n` random images (columns) of each class id in `classes` (rows; default 3 seen + 3 unseen). Returns the Figure."
     import matplotlib.pyplot as plt
     if not isinstance(data, ZSLData): raise input_error("data", f"expected a ZSLData, got {type(data).__name__}", "pass a dataset")
@@ -320,7 +328,13 @@ def plot_samples(data: ZSLData, classes=None, n: int = 8, split: str | None = No
     fig.subplots_adjust(wspace=0.04, hspace=0.04, left=1.6 / (n * size + 1.6))
     return fig
 
-def plot_class_attributes(data: ZSLData, classes=None, dom: str = "attributes", ax=None, figsize=(7, 7), **kwargs):
+def plot_class_attributes(data:ZSLData,        # the dataset
+                          classes=None,        # class ids (rows); None: all
+                          dom:str="attributes", # the semantic matrix to show (a key of `data.dom`)
+                          ax=None,             # matplotlib Axes to draw on; None: a new figure
+                          figsize=(7, 7),      # size of the new figure
+                          **kwargs,            # passed to `seaborn.heatmap` (e.g. cmap)
+                         ):
     "Seaborn heatmap of `data.dom[dom]` for `classes` (default all); unseen class names in red. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
     if not isinstance(data, ZSLData): raise input_error("data", f"expected a ZSLData, got {type(data).__name__}", "pass a dataset")

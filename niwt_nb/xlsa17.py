@@ -15,17 +15,21 @@ from .data import ZSLData, make_train_val
 
 # %% auto #0
 __all__ = ['SPLIT_KEYS', 'OPTIONAL_SPLIT_KEYS', 'SOURCES', 'DECODE_MODES', 'CROP_FRACTION', 'read_text', 'text_lines',
-           'read_class_list', 'image_key', 'read_img_list', 'read_lab_list', 'read_mat', 'read_splits_mat',
-           'read_res101_mat', 'match_classes', 'class_ids', 'check_labels', 'check_split_classes', 'verify_file',
-           'fetch', 'pick_val_classes', 'crop_geometry', 'transform_boxes', 'transform_points', 'decode_images',
-           'decode_data', 'with_decoded', 'build_xlsa17_data', 'class_captions', 'restore_captions']
+           'parse_int', 'parse_float', 'check_unique', 'read_class_list', 'image_key', 'read_img_list', 'read_lab_list',
+           'read_mat', 'read_splits_mat', 'read_res101_mat', 'match_classes', 'class_ids', 'check_labels',
+           'check_split_classes', 'verify_file', 'fetch', 'pick_val_classes', 'first_existing', 'listed_val_classes',
+           'reorder_rows', 'crop_geometry', 'transform_boxes', 'transform_points', 'decode_images', 'decode_data',
+           'with_decoded', 'build_xlsa17_data', 'class_captions', 'restore_captions', 'write_fake_jpeg',
+           'check_fake_args']
 
 # %% ../nbs/02a_xlsa17.ipynb #104dd6e9
 _CTRL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 _INT = re.compile(r"[+]?[0-9]+")
 _FLOAT = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
-def read_text(path, what: str = "path") -> str:
+def read_text(path,             # a text file
+              what:str="path", # the argument to name in errors
+             )->str:
     "The UTF-8 text of the file at `path` (`what` names the argument in errors)."
     p = Path(path)
     if not p.is_file(): raise input_error(what, f"no file at {str(p)!r}", "check the dataset folder (see the loader's docs for the expected layout)")
@@ -35,7 +39,9 @@ def read_text(path, what: str = "path") -> str:
     except UnicodeDecodeError as e:
         raise input_error(what, f"{p.name} is not UTF-8 text (bad byte at offset {e.start})", "re-download the file; it is corrupt or not a text file") from e
 
-def text_lines(path, what: str = "path") -> list[tuple[int, str]]:
+def text_lines(path,             # a text file
+               what:str="path", # the argument to name in errors
+              )->list[tuple[int, str]]:
     "`(line number, stripped line)` for every non-blank line of a text file; control characters are an error."
     out = []
     for n, line in enumerate(read_text(path, what).split("\n"), 1):
@@ -46,23 +52,38 @@ def text_lines(path, what: str = "path") -> list[tuple[int, str]]:
         out.append((n, line))
     return out
 
-def _int(tok: str, path, n: int, what: str) -> int:
+def parse_int(tok:str,  # one token of a text file
+              path,     # the file (its name goes into errors)
+              n:int,    # the token's line number (for errors)
+              what:str, # the argument to name in errors
+             )->int:
+    "`tok` as a non-negative int (at most 12 digits); anything else raises, naming the file and line."
     if not _INT.fullmatch(tok) or len(tok) > 12:
         raise input_error(what, f"{Path(path).name} line {n}: {tok[:30]!r} is not a non-negative integer", "re-download the file; it is corrupt")
     return int(tok)
 
-def _float(tok: str, path, n: int, what: str) -> float:
+def parse_float(tok:str,  # one token of a text file
+                path,     # the file (its name goes into errors)
+                n:int,    # the token's line number (for errors)
+                what:str, # the argument to name in errors
+               )->float:
+    "`tok` as a finite float (plain decimal or exponent notation); anything else raises, naming the file and line."
     if not _FLOAT.fullmatch(tok) or not np.isfinite(v := float(tok)):
         raise input_error(what, f"{Path(path).name} line {n}: {tok[:30]!r} is not a finite number", "re-download the file; it is corrupt")
     return v
 
-def _unique(names: list, path, what: str):
+def check_unique(names:list, # names read from `path`
+                 path,       # the file they come from (its name goes into errors)
+                 what:str,   # the argument to name in errors
+                ):
+    "Raise, naming the first repeated entry, unless `names` are distinct."
     if len(set(names)) != len(names):
         dup = next(x for i, x in enumerate(names) if x in names[:i])
         raise input_error(what, f"{Path(path).name} lists {dup!r} more than once", "re-download the file; it is corrupt")
 
 # %% ../nbs/02a_xlsa17.ipynb #f3900fa9
-def read_class_list(path) -> list[str]:
+def read_class_list(path, # a class-list file, one name per line
+                   )->list[str]:
     "Class names, one per line (xlsa17 `allclasses.txt`, `valclasses1.txt`, ...), in file order."
     rows = text_lines(path, "path")
     if not rows: raise input_error("path", f"{Path(path).name} lists no classes", "pass a class-list file with one name per line")
@@ -70,29 +91,32 @@ def read_class_list(path) -> list[str]:
     for n, line in rows:
         if len(line.split()) != 1: raise input_error("path", f"{Path(path).name} line {n}: expected one class name, got {line[:60]!r}", "write one name per line")
         names.append(line)
-    _unique(names, path, "path")
+    check_unique(names, path, "path")
     return names
 
-def image_key(p: str) -> str:
+def image_key(p:str, # an image path, absolute or relative
+             )->str:
     "`'class_folder/file.jpg'`: the last two components of an image path (xlsa17 stores absolute paths of its machines)."
     parts = [s for s in str(p).replace("\\", "/").split("/") if s]
     if len(parts) < 2 or parts[-2] in (".", "..") or parts[-1] in (".", ".."):
         raise input_error("image_files", f"{str(p)[:80]!r} has no class folder", "image paths must end in '<class folder>/<file>'")
     return f"{parts[-2]}/{parts[-1]}"
 
-def read_img_list(path) -> list[str]:
+def read_img_list(path, # xlsa17's img_list.txt
+                 )->list[str]:
     "Image keys `'class/file'` of `img_list.txt` (the `image_files` of `res101.mat`, one per line), in xlsa17 order."
     rows = text_lines(path, "path")
     if not rows: raise input_error("path", f"{Path(path).name} lists no images", "pass xlsa17's img_list.txt")
     keys = [image_key(line) for _, line in rows]
-    _unique(keys, path, "path")
+    check_unique(keys, path, "path")
     return keys
 
-def read_lab_list(path) -> torch.Tensor:
+def read_lab_list(path, # xlsa17's lab_list.txt
+                 )->torch.Tensor:
     "`(N,)` 0-based class indices (into `allclasses_names`) from `lab_list.txt`, which stores 1-based ones."
     rows = text_lines(path, "path")
     if not rows: raise input_error("path", f"{Path(path).name} lists no labels", "pass xlsa17's lab_list.txt")
-    labs = [_int(line, path, n, "path") for n, line in rows]
+    labs = [parse_int(line, path, n, "path") for n, line in rows]
     if min(labs) < 1: raise input_error("path", f"{Path(path).name} holds label 0; xlsa17 labels are 1-based", "pass the original lab_list.txt")
     return torch.tensor(labs, dtype=torch.long) - 1
 
@@ -102,7 +126,10 @@ OPTIONAL_SPLIT_KEYS = ("train", "val")                 # class-level splits, pre
 
 def _short(e: Exception) -> str: return f"{type(e).__name__}: {str(e)[:160]}"
 
-def read_mat(path, what: str = "path", variable_names=None) -> dict:
+def read_mat(path,                # a .mat file (MATLAB v4 to v7.2)
+             what:str="path",     # the argument to name in errors
+             variable_names=None, # names of the variables to read; None: all
+            )->dict:
     "The variables of a MATLAB v4-v7.2 `.mat` file (`scipy.io.loadmat`, which never unpickles)."
     import scipy.io
     p = Path(path)
@@ -129,7 +156,7 @@ def _strings(v, key: str, path) -> list[str]:
     if not names: raise input_error(key, f"{Path(path).name}: `{key}` is empty", "list every class name")
     bad = [s for s in names if not s or _CTRL.search(s)]
     if bad: raise input_error(key, f"{Path(path).name}: `{key}` holds an empty or malformed name {bad[0][:40]!r}", "re-download the file")
-    _unique(names, path, key)
+    check_unique(names, path, key)
     return names
 
 def _numeric(v, key: str, path) -> np.ndarray:
@@ -170,7 +197,9 @@ def _class_matrix(v, key: str, path, n_cls: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.T)).float()
 
 # %% ../nbs/02a_xlsa17.ipynb #e8d2b29f
-def read_splits_mat(path, n_img: int | None = None) -> dict:
+def read_splits_mat(path,                # att_splits.mat or sent_splits.mat
+                    n_img:int|None=None, # number of images (rows of res101.mat), to bound the split indices; None: unchecked
+                   )->dict:
     "Parse `att_splits.mat` / `sent_splits.mat`: `{'classes', 'att' (n_cls, d), 'original_att' (n_cls, d) | None, 'splits' (0-based), 'path'}`."
     if n_img is not None and (not isinstance(n_img, int) or isinstance(n_img, bool) or n_img < 1):
         raise input_error("n_img", f"expected a positive int or None, got {n_img!r}", "pass the number of rows of res101.mat")
@@ -188,14 +217,16 @@ def read_splits_mat(path, n_img: int | None = None) -> dict:
                                         "re-download the file; the splits must be disjoint")
     return {"classes": classes, "att": att, "original_att": orig, "splits": splits, "path": str(path)}
 
-def read_res101_mat(path, features: bool = True) -> dict:
+def read_res101_mat(path,             # xlsa17's res101.mat
+                    features:bool=True, # also read the (large) feature matrix
+                   )->dict:
     "Parse xlsa17 `res101.mat`: `{'features' (N, K) float32 | None, 'labels' (N,) 0-based into allclasses_names, 'files' ['class/file'], 'path'}`."
     m = read_mat(path, variable_names=None if features else ["labels", "image_files"])
     need = ["labels", "image_files"] + (["features"] if features else [])
     miss = [k for k in need if k not in m]
     if miss: raise input_error("path", f"{Path(path).name} lacks key(s) {miss}", "pass xlsa17's res101.mat")
     files = [image_key(s) for s in _strings(m["image_files"], "image_files", path)]
-    _unique(files, path, "image_files")
+    check_unique(files, path, "image_files")
     labels = _locs_labels(m["labels"], path, len(files))
     feats = None
     if features:
@@ -220,7 +251,10 @@ def _locs_labels(v, path, n: int) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64) - 1)
 
 # %% ../nbs/02a_xlsa17.ipynb #300432f4
-def match_classes(names: Sequence[str], classes: Sequence[str], what: str = "allclasses_names") -> torch.Tensor:
+def match_classes(names:Sequence[str],         # class names listed in a file (e.g. `allclasses_names`)
+                  classes:Sequence[str],       # the dataset's class names, in class-id order
+                  what:str="allclasses_names", # the argument to name in errors
+                 )->torch.Tensor:
     "`(len(names),)` long: the id in `classes` of each of `names`; every name must match exactly once."
     pos = {c: i for i, c in enumerate(classes)}
     miss = [n for n in names if n not in pos]
@@ -230,7 +264,10 @@ def match_classes(names: Sequence[str], classes: Sequence[str], what: str = "all
                           f"{len(extra)} classes not listed (e.g. {extra[:3]})", "use the xlsa17 files of the same dataset as the images")
     return torch.tensor([pos[n] for n in names], dtype=torch.long)
 
-def class_ids(names: Sequence[str], classes: Sequence[str], what: str = "val_classes") -> torch.Tensor:
+def class_ids(names:Sequence[str],    # some class names
+              classes:Sequence[str],  # the dataset's class names, in class-id order
+              what:str="val_classes", # the argument to name in errors
+             )->torch.Tensor:
     "Sorted ids in `classes` of a subset `names` of them (e.g. the classes of `valclasses1.txt`)."
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise input_error(what, f"expected a list of class names, got {names!r:.60}", "pass e.g. ['001.Black_footed_Albatross']")
@@ -239,7 +276,11 @@ def class_ids(names: Sequence[str], classes: Sequence[str], what: str = "val_cla
     if miss: raise input_error(what, f"unknown class names {miss[:3]}", "name classes exactly as the dataset does")
     return torch.tensor(sorted({pos[n] for n in names}), dtype=torch.long)
 
-def check_labels(files: Sequence[str], labels: torch.Tensor, names: Sequence[str], what: str = "labels"):
+def check_labels(files:Sequence[str], # image keys 'class_folder/file'
+                 labels:torch.Tensor, # (N,) class indices into `names`
+                 names:Sequence[str], # class names (folder names)
+                 what:str="labels",   # the argument to name in errors
+                ):
     "Raise unless the class folder of every image key `files[i]` equals `names[labels[i]]`."
     if len(files) != len(labels): raise input_error(what, f"{len(labels)} labels for {len(files)} images", "pass one label per image")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
@@ -248,7 +289,11 @@ def check_labels(files: Sequence[str], labels: torch.Tensor, names: Sequence[str
         if f.split("/")[0] != names[l]:
             raise input_error(what, f"image {i} ({f!r}) is labelled {names[l]!r}", "use the image list and labels of the same xlsa17 release")
 
-def check_split_classes(labels: torch.Tensor, splits: dict, classes: Sequence[str], xlsa17_dir):
+def check_split_classes(labels:torch.Tensor,   # (N,) class ids into `classes`
+                        splits:dict,           # split name -> (n,) image indices
+                        classes:Sequence[str], # the dataset's class names
+                        xlsa17_dir,            # the folder that may hold trainvalclasses.txt / testclasses.txt
+                       ):
     "When xlsa17's `trainvalclasses.txt`/`testclasses.txt` exist, check that each split's images belong to the listed classes."
     x = Path(xlsa17_dir)
     for fname, keys in (("trainvalclasses.txt", ("trainval", "test_seen")), ("testclasses.txt", ("test_unseen",))):
@@ -280,7 +325,10 @@ def _hexdigest(path: Path, algo: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
-def verify_file(path, sha256: str | None = None, md5: str | None = None) -> str:
+def verify_file(path,                # the file to check
+                sha256:str|None=None, # expected sha256 (hex)
+                md5:str|None=None,    # expected md5 (hex)
+               )->str:
     "Check the file at `path` against `sha256` and/or `md5` (hex); return its sha256. A mismatch raises."
     p = Path(path)
     if not p.is_file(): raise input_error("path", f"no file at {str(p)!r}", "download the file first")
@@ -329,8 +377,13 @@ def _extract(archive: Path, root: Path):
     except Exception as e:
         raise input_error("dataset", f"{archive.name} cannot be extracted ({_short(e)})", f"delete {archive} and download it again") from e
 
-def fetch(dataset: str, root=None, url: str | None = None, sha256: str | None = None, extract: bool = True,
-          timeout: float = 60.0) -> Path:
+def fetch(dataset:str,         # a key of `SOURCES`
+          root=None,           # target folder; None: `data_root()/<subdir>`
+          url:str|None=None,   # another URL (e.g. a mirror or a local file:// archive)
+          sha256:str|None=None, # expected sha256 of the archive (else the published checksum, or the one pinned on first download)
+          extract:bool=True,   # extract the archive (once per archive content)
+          timeout:float=60.0,  # seconds before a stalled download fails
+         )->Path:
     "Download (unless present), verify and extract the public archive of `dataset` into `root`; returns `root`."
     if dataset not in SOURCES: raise input_error("dataset", f"unknown dataset {dataset!r}", f"use one of {sorted(SOURCES)}")
     src = SOURCES[dataset]
@@ -356,7 +409,10 @@ def fetch(dataset: str, root=None, url: str | None = None, sha256: str | None = 
     return root
 
 # %% ../nbs/02a_xlsa17.ipynb #93b7d997
-def pick_val_classes(seen: torch.Tensor, listed: torch.Tensor | None = None, seed: int = 0) -> tuple[torch.Tensor, str]:
+def pick_val_classes(seen:torch.Tensor,             # (n_seen,) seen class ids
+                     listed:torch.Tensor|None=None, # class ids listed as validation classes (e.g. valclasses1.txt)
+                     seed:int=0,                    # seed of the fallback draw
+                    )->tuple[torch.Tensor, str]: # sorted val class ids, and how they were chosen
     "Validation classes: `listed` ∩ `seen` when non-empty, else `min(5, n_seen // 3)` seen classes drawn with `seed`."
     if not isinstance(seen, torch.Tensor) or seen.ndim != 1 or seen.is_floating_point():
         raise input_error("seen", f"expected a 1-d tensor of class ids, got {seen!r:.60}", "pass data.seen")
@@ -369,11 +425,41 @@ def pick_val_classes(seen: torch.Tensor, listed: torch.Tensor | None = None, see
     g = torch.Generator().manual_seed(int(seed))
     return torch.sort(seen[torch.randperm(len(seen), generator=g)[:n]]).values, f"fallback: {n} seen classes drawn with seed {seed}"
 
+# %% ../nbs/02a_xlsa17.ipynb #cd417309
+def first_existing(*cands, # paths (or None)
+                  )->Path|None: # the first of `cands` that exists, as a Path; None if none does
+    "The first existing path among `cands` (the usual places of a file, in order of preference)."
+    return next((Path(c) for c in cands if c is not None and Path(c).exists()), None)
+
+def listed_val_classes(xlsa17_dir,           # the dataset's xlsa17 folder (holding valclasses1.txt, ...)
+                       val_classes,          # k (read valclasses{k}.txt), a list of class names, or None
+                       classes:Sequence[str], # the dataset's class names, in class-id order
+                      )->torch.Tensor|None: # sorted class ids, or None (no file / None: `pick_val_classes` falls back)
+    "Class ids named by xlsa17's `valclasses{k}.txt` (int `val_classes`) or by a list of names; None for the fallback."
+    if val_classes is None: return None
+    if isinstance(val_classes, int) and not isinstance(val_classes, bool):
+        p = Path(xlsa17_dir) / f"valclasses{val_classes}.txt"
+        if not p.is_file(): return None
+        names = read_class_list(p)
+    elif isinstance(val_classes, (list, tuple)) and all(isinstance(v, str) for v in val_classes): names = list(val_classes)
+    else: raise input_error("val_classes", f"expected 1, 2, 3 (xlsa17 valclassesK.txt), a list of class names or None, got {val_classes!r}", "pass val_classes=1")
+    return class_ids(names, classes, "val_classes")
+
+def reorder_rows(M:torch.Tensor,    # (n_cls, d) rows in a file's class order (e.g. `att` of att_splits.mat)
+                 perm:torch.Tensor, # (n_cls,) the class id of each row (`match_classes(file names, classes)`)
+                )->torch.Tensor: # (n_cls, d) rows in class-id order
+    "Rows of `M` (file class order) moved to class ids `perm`: `out[perm[r]] = M[r]`."
+    out = torch.empty_like(M); out[perm] = M
+    return out
+
 # %% ../nbs/02a_xlsa17.ipynb #494be27c
 DECODE_MODES = ("crop", "square")
 CROP_FRACTION = 0.875      # 'crop' keeps the central 87.5 % of the shorter side (224 of 256)
 
-def crop_geometry(wh: torch.Tensor, size: int, mode: str = "crop") -> tuple[torch.Tensor, torch.Tensor]:
+def crop_geometry(wh:torch.Tensor, # (n, 2) original (width, height)
+                  size:int,        # side of the decoded square images
+                  mode:str="crop", # one of `DECODE_MODES`
+                 )->tuple[torch.Tensor, torch.Tensor]: # scale, offset: float (n, 2) each
     """How `decode_images` maps original pixel coordinates to the decoded `size x size` image: `xy_new = xy * scale - offset`,
     with `scale`, `offset` float `(n, 2)` (x, y) for original sizes `wh` `(n, 2)` (width, height). `'crop'`: the shorter side
     is resized to `size / 0.875` and the central `size x size` square is kept (ImageNet evaluation: 224 of 256, as
@@ -385,12 +471,20 @@ def crop_geometry(wh: torch.Tensor, size: int, mode: str = "crop") -> tuple[torc
     new = torch.round(wh * s)                                                   # resized width, height
     return s.expand(-1, 2).float(), torch.div(new - size, 2, rounding_mode="floor").float()
 
-def transform_boxes(boxes: torch.Tensor, wh: torch.Tensor, size: int, mode: str = "crop") -> torch.Tensor:
+def transform_boxes(boxes:torch.Tensor, # (n, 4) xyxy boxes in original pixels
+                    wh:torch.Tensor,    # (n, 2) original (width, height)
+                    size:int,           # side of the decoded square images
+                    mode:str="crop",    # one of `DECODE_MODES`
+                   )->torch.Tensor:
     "Boxes `(n, 4)` xyxy in original pixels -> pixels of the decoded `size x size` images, clipped to the image."
     scale, off = crop_geometry(wh, size, mode)
     return (boxes * scale.repeat(1, 2) - off.repeat(1, 2)).clamp(0, size)
 
-def transform_points(pts: torch.Tensor, wh: torch.Tensor, size: int, mode: str = "crop") -> torch.Tensor:
+def transform_points(pts:torch.Tensor, # (n, P, 3) x, y, visible in original pixels
+                     wh:torch.Tensor,  # (n, 2) original (width, height)
+                     size:int,         # side of the decoded square images
+                     mode:str="crop",  # one of `DECODE_MODES`
+                    )->torch.Tensor:
     """Points `(n, P, 3)` (x, y, visible) in original pixels -> pixels of the decoded images; a point that falls outside
     the crop becomes invisible (`visible = 0`)."""
     scale, off = crop_geometry(wh, size, mode)
@@ -398,7 +492,12 @@ def transform_points(pts: torch.Tensor, wh: torch.Tensor, size: int, mode: str =
     inside = ((xy >= 0) & (xy < size)).all(-1)
     return torch.cat([xy, (pts[..., 2] * inside)[..., None]], -1)
 
-def decode_images(paths: Sequence, size: int, root=None, workers: int | None = None, mode: str = "crop") -> tuple[torch.Tensor, torch.Tensor]:
+def decode_images(paths:Sequence,        # image files (relative to `root` when given)
+                  size:int,              # side of the decoded square images
+                  root=None,             # folder the paths are relative to
+                  workers:int|None=None, # decoding threads; None: min(8, CPUs)
+                  mode:str="crop",       # one of `DECODE_MODES`
+                 )->tuple[torch.Tensor, torch.Tensor]: # uint8 (n, 3, size, size) images, long (n, 2) original sizes
     """Decode image files into `uint8 (n, 3, size, size)` RGB and their original `(n, 2)` (width, height). `mode='crop'`
     (default): shorter side to `size / 0.875`, central crop (see `crop_geometry`); `'square'`: bilinear resize to a square."""
     from PIL import Image
@@ -430,13 +529,22 @@ def decode_images(paths: Sequence, size: int, root=None, workers: int | None = N
         for _ in progress(ex.map(one, range(len(paths))), f"decode {len(paths)} images", total=len(paths)): pass
     return out, wh
 
-def decode_data(d: ZSLData, size: int, mode: str = "crop", workers: int | None = None) -> ZSLData:
+def decode_data(d:ZSLData,              # a dataset whose images are file paths
+                size:int,               # side of the decoded square images
+                mode:str="crop",        # one of `DECODE_MODES`
+                workers:int|None=None,  # decoding threads; None: min(8, CPUs)
+               )->ZSLData:
     "`d` with its image files decoded once into memory (`uint8 (n, 3, size, size)`, see `decode_images`), boxes and part locations moved to match."
     if not isinstance(d, ZSLData): raise input_error("d", f"expected a ZSLData, got {type(d).__name__}", "pass a dataset")
     if isinstance(d.images, torch.Tensor): raise input_error("d", "its images are already in memory", "decode a dataset whose images are file paths")
     return with_decoded(d, *decode_images(d.images, size, d.meta.get("image_root"), workers, mode), size, mode)
 
-def with_decoded(d: ZSLData, images: torch.Tensor, wh: torch.Tensor, size: int, mode: str = "crop") -> ZSLData:
+def with_decoded(d:ZSLData,            # a dataset whose images are file paths
+                 images:torch.Tensor,  # uint8 (n_img, 3, size, size) decoded from them
+                 wh:torch.Tensor,      # (n_img, 2) the files' original (width, height)
+                 size:int,             # the side they were decoded at
+                 mode:str="crop",      # the `DECODE_MODES` entry they were decoded with
+                )->ZSLData:
     """`d` (image files) with `images` decoded from them at `size` (`decode_images`, or a cache of its output) and the
     files' original sizes `wh (n, 2)`: boxes and part locations moved to match (parts cropped away become hidden)."""
     boxes = transform_boxes(d.boxes, wh, size, mode) if d.boxes is not None else None
@@ -445,12 +553,29 @@ def with_decoded(d: ZSLData, images: torch.Tensor, wh: torch.Tensor, size: int, 
     return dataclasses.replace(d, images=images, boxes=boxes, parts=parts, meta=meta).validate()
 
 # %% ../nbs/02a_xlsa17.ipynb #df7e488d
-def build_xlsa17_data(name: str, classes: list, files: list, labels: torch.Tensor, splits: dict, dom: dict, image_root,
-                      val_classes: torch.Tensor | None = None, val_frac: float = 0.2, seed: int = 0, present_only: bool = False,
-                      check_images: bool = True, img_size: int | None = None, attr_names: list | None = None,
-                      boxes: torch.Tensor | None = None, captions: dict | None = None, captions_required: bool = False,
-                      meta: dict | None = None, how_to_get: str = "download the dataset", verbose: bool = True,
-                      workers: int | None = None, decode: str = "crop") -> ZSLData:
+def build_xlsa17_data(name:str,                   # dataset name
+                      classes:list,               # class names, in class-id order
+                      files:list,                 # image keys 'class/file', in xlsa17 order
+                      labels:torch.Tensor,        # (n_img,) class ids
+                      splits:dict,                # 'trainval', 'test_seen', 'test_unseen' -> 0-based image indices
+                      dom:dict,                   # semantic name -> (n_cls, d) class vectors
+                      image_root,                 # folder the image keys are relative to
+                      val_classes:torch.Tensor|None=None, # listed validation class ids (else drawn, see `pick_val_classes`)
+                      val_frac:float=0.2,         # fraction of trainval images held out as val
+                      seed:int=0,                 # seed of the train/val split and of drawn val classes
+                      present_only:bool=False,    # keep only the classes whose images are all on disk
+                      check_images:bool=True,     # raise when image files are missing (unless present_only)
+                      img_size:int|None=None,     # decode the images into memory at this side; None: keep files
+                      attr_names:list|None=None,  # attribute names
+                      boxes:torch.Tensor|None=None, # (n_img, 4) xyxy boxes in original pixels
+                      captions:dict|None=None,    # class id -> captions
+                      captions_required:bool=False, # raise (rather than drop captions) when a kept class has none
+                      meta:dict|None=None,        # extra meta entries
+                      how_to_get:str="download the dataset", # the fix named in missing-image errors
+                      verbose:bool=True,          # print what present_only kept
+                      workers:int|None=None,      # decoding threads
+                      decode:str="crop",          # one of `DECODE_MODES`
+                     )->ZSLData:
     "A validated `ZSLData` from parsed xlsa17-ordered pieces: seen/unseen from the splits, val classes, train/val, missing-image policy, optional in-memory decode."
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(files) != len(labels): raise input_error("files", f"{len(files)} files but {len(labels)} labels", "pass one label per image")
@@ -504,14 +629,19 @@ def build_xlsa17_data(name: str, classes: list, files: list, labels: torch.Tenso
     return decode_data(d, img_size, decode, workers) if img_size is not None else d
 
 # %% ../nbs/02a_xlsa17.ipynb #eaa80003
-def class_captions(files: Sequence, labels: torch.Tensor, n_cls: int, img_caps: dict) -> dict:
+def class_captions(files:Sequence,      # image keys, one per image
+                   labels:torch.Tensor, # (n_img,) class ids
+                   n_cls:int,           # number of classes
+                   img_caps:dict,       # image key -> its captions
+                  )->dict:
     "`{class id: captions of all its images, in order}` for the classes whose every image (key in `files`) has captions in `img_caps`."
     by_cls = {}
     for f, l in zip(files, torch.as_tensor(labels).tolist()): by_cls.setdefault(l, []).append(f)
     return {c: [t for f in by_cls[c] for t in img_caps[f]] for c in range(n_cls)
             if by_cls.get(c) and all(f in img_caps for f in by_cls[c])}
 
-def restore_captions(d: ZSLData) -> ZSLData:
+def restore_captions(d:ZSLData, # a dataset loaded by `load_cub` (e.g. after `subset_classes`)
+                    )->ZSLData:
     """`d` with its class captions rebuilt from the per-image captions `meta['image_captions']` (kept by `load_cub`)
     when every class has them for all its images (e.g. after `subset_classes`); else `d` unchanged."""
     if not isinstance(d, ZSLData): raise input_error("d", f"expected a ZSLData, got {type(d).__name__}", "pass a dataset")
@@ -522,3 +652,29 @@ def restore_captions(d: ZSLData) -> ZSLData:
     if len(caps) < d.n_cls: return d
     meta = {k: v for k, v in d.meta.items() if k != "captions_note"}
     return dataclasses.replace(d, captions=caps, meta=meta).validate()
+
+# %% ../nbs/02a_xlsa17.ipynb #4ab31b1a
+def write_fake_jpeg(path:Path,      # the file to write (folders are created)
+                    w:int,          # width in pixels
+                    h:int,          # height in pixels
+                    rgb,            # the fill colour, 3 numbers in [0, 255]
+                    grey:bool=False, # save a one-channel (greyscale) JPEG
+                   ):
+    "Write a plain-colour JPEG: the images of the fake datasets (`make_fake_cub`, `make_fake_awa2`)."
+    from PIL import Image
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", (int(w), int(h)), tuple(int(c) for c in rgb))
+    (im.convert("L") if grey else im).save(path, quality=95)
+
+def check_fake_args(n_cls:int,     # number of classes, in [3, 26]
+                    unseen,        # distinct class ids in [0, n_cls) that are zero-shot, leaving >= 2 seen classes
+                    per_class:int, # images per class, >= 4
+                    n_attr:int,    # attributes per class, >= 1
+                   ):
+    "Check the sizes shared by the fake-dataset writers (`make_fake_cub`, `make_fake_awa2`, `make_fake_xlsa17_features`)."
+    if not (isinstance(n_cls, int) and 3 <= n_cls <= 26): raise input_error("n_cls", f"expected an int in [3, 26], got {n_cls!r}", "pass e.g. n_cls=6")
+    if not (isinstance(per_class, int) and per_class >= 4): raise input_error("per_class", f"expected an int >= 4, got {per_class!r}", "pass e.g. per_class=6")
+    if not (isinstance(n_attr, int) and n_attr >= 1): raise input_error("n_attr", f"expected a positive int, got {n_attr!r}", "pass e.g. n_attr=5")
+    u = list(unseen)
+    if not u or len(set(u)) != len(u) or not all(isinstance(c, int) and 0 <= c < n_cls for c in u) or len(u) > n_cls - 2:
+        raise input_error("unseen", f"expected distinct class ids in [0, {n_cls}) leaving at least 2 seen classes, got {unseen!r}", "pass e.g. unseen=(1, 4)")
