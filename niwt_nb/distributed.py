@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from .core import input_error, eval_mode, seed_everything, atomic_torch_save, progress
-from .models import (TrainConfig, NIWTNet, SquareResize, seen_columns, _check_data, _check_model, _check_seen_split, _train_inputs)
+from .models import (TrainConfig, NIWTNet, SquareResize, seen_columns, check_data, check_model, check_seen_split, train_inputs,
+                            fit_epochs)
 from .importance import ImportanceConfig
 from .engine import target_importances, to_device, to_channels_last
 
@@ -174,70 +175,53 @@ def _val_acc_ddp(model, data, split, bs, col, load, dev) -> float:
     hit, cnt = _all_sum(hc).float().cpu()                                          # float32, as train_seen
     return (hit[cnt > 0] / cnt[cnt > 0]).mean().item()
 
-def train_seen_ddp(model: NIWTNet, data, cfg: TrainConfig | None = None, device=None, ckpt_path=None):
+def train_seen_ddp(model: NIWTNet,                  # the network to fine-tune, the same on every rank
+                   data,                            # a `ZSLData` (the same on every rank): trains on 'train', validates on 'val'
+                   cfg: TrainConfig | None = None,  # the fine-tuning settings; None: `TrainConfig()` (mode 'full' only)
+                   device=None,                     # this rank's device; None: `rank_device()`
+                   ckpt_path=None,                  # rank 0 saves the best state there whenever the validation accuracy improves
+                  ):                                # `(model, history)`, identical on every rank
     "`train_seen` on every rank of the process group (call it on all ranks): returns `(model, history)`, identical on every rank."
-    cfg, col = _train_inputs(model, data, cfg)
+    cfg, col = train_inputs(model, data, cfg)
     idx = data.splits["train"]
     rank, world = dist_info()
     dev = torch.device(device) if device is not None else rank_device()
     model.to(dev)
     load = _loader(data, cfg.img_size)
     gen = seed_everything(cfg.seed)                 # the same stream on every rank: same order and flips as train_seen
-    body_p = list(model.body.parameters()); body_ids = {id(p) for p in body_p}
-    rest_p = [p for p in model.parameters() if id(p) not in body_ids]
-    opt = torch.optim.Adam([{"params": body_p, "lr": cfg.lr * cfg.body_lr_mult}, {"params": rest_p, "lr": cfg.lr}],
-                           weight_decay=cfg.wd)
-    hist = dict(epoch=[], phase=[], train_loss=[], train_acc=[], val_acc=[], seconds=[], best_epoch=None, stopped_early=False)
-    best, best_state, bad = -1.0, None, 0
-    req = [p.requires_grad for p in body_p]
+
+    def run_epoch(ep, frozen, opt):                 # each rank its block of every global batch; gradients summed over ranks
+        trained = [p for p in model.parameters() if p.requires_grad]             # the same list on every rank
+        order = torch.randperm(len(idx), generator=gen)                          # as iter_batches(shuffle=True)
+        stats = torch.zeros(3, dtype=torch.float64)                              # loss sum, hits, images
+        for s in range(0, len(idx), cfg.bs):
+            pos = order[s:s + cfg.bs]; Bg = len(pos)
+            flip = torch.rand(Bg, generator=gen) < 0.5 if cfg.augment else None    # drawn for the global batch
+            sh = _shard(Bg, rank, world)
+            xb, yb = load(idx[pos[sh]])
+            xb, y = xb.to(dev), col[yb].to(dev)
+            if flip is not None: xb = torch.where(flip[sh].to(dev)[:, None, None, None], xb.flip(-1), xb)
+            with torch.set_grad_enabled(not frozen): A = model.acts(xb)
+            out = model.fc(model.features(A))
+            loss_sum = F.cross_entropy(out, y, reduction="sum")
+            opt.zero_grad(set_to_none=True)
+            (loss_sum / Bg).backward()
+            sync_grads(trained)                                                  # summed over ranks: the global batch mean
+            opt.step()
+            stats += torch.tensor([loss_sum.item(), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+        return tuple(_all_sum(stats).tolist())
+
+    def checkpoint(ep, st, improved, opt):          # rank 0, at each new best epoch
+        if improved and ckpt_path is not None and rank == 0:
+            atomic_torch_save({"model": st["best_state"], "epoch": ep, "val_acc": st["hist"]["val_acc"][-1], "history": st["hist"],
+                               "train_config": cfg.to_dict(), "backbone": model.backbone, "layer": model.layer,
+                               "world_size": world}, Path(ckpt_path))
+
+    val = lambda: _val_acc_ddp(model, data, "val", cfg.bs * 2, col, load, dev)
     convert_batchnorm(model)
-    bar = progress(range(cfg.epochs), "fine-tune (ddp)") if rank == 0 else range(cfg.epochs)
-    try:
-        for ep in bar:
-            t0, frozen = time.time(), ep < cfg.head_epochs or not cfg.finetune_all
-            model.train()
-            if frozen: model.body.eval()
-            for p, r in zip(body_p, req): p.requires_grad_(r and not frozen)
-            trained = [p for p in model.parameters() if p.requires_grad]             # the same list on every rank
-            order = torch.randperm(len(idx), generator=gen)                          # as iter_batches(shuffle=True)
-            stats = torch.zeros(3, dtype=torch.float64)                              # loss sum, hits, images
-            for s in range(0, len(idx), cfg.bs):
-                pos = order[s:s + cfg.bs]; Bg = len(pos)
-                flip = torch.rand(Bg, generator=gen) < 0.5 if cfg.augment else None    # drawn for the global batch
-                sh = _shard(Bg, rank, world)
-                xb, yb = load(idx[pos[sh]])
-                xb, y = xb.to(dev), col[yb].to(dev)
-                if flip is not None: xb = torch.where(flip[sh].to(dev)[:, None, None, None], xb.flip(-1), xb)
-                with torch.set_grad_enabled(not frozen): A = model.acts(xb)
-                out = model.fc(model.features(A))
-                loss_sum = F.cross_entropy(out, y, reduction="sum")
-                opt.zero_grad(set_to_none=True)
-                (loss_sum / Bg).backward()
-                sync_grads(trained)                                                  # summed over ranks: the global batch mean
-                opt.step()
-                stats += torch.tensor([loss_sum.item(), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
-            tot, hits, n = _all_sum(stats).tolist()
-            va = _val_acc_ddp(model, data, "val", cfg.bs * 2, col, load, dev)
-            for k, v in dict(epoch=ep, phase="head" if frozen else "all", train_loss=tot / n, train_acc=hits / n,
-                             val_acc=va, seconds=time.time() - t0).items(): hist[k].append(v)
-            if rank == 0: bar.set_postfix(loss=f"{tot / n:.3f}", val=f"{va:.3f}")
-            if va != va or va > best:
-                best, bad, hist["best_epoch"] = (va if va == va else best), 0, ep
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                if ckpt_path is not None and rank == 0:
-                    atomic_torch_save({"model": best_state, "epoch": ep, "val_acc": va, "history": hist,
-                                       "train_config": cfg.to_dict(), "backbone": model.backbone, "layer": model.layer,
-                                       "world_size": world}, Path(ckpt_path))
-            else:
-                bad += 1
-                if cfg.patience is not None and bad >= cfg.patience:
-                    hist["stopped_early"] = True; break
-    finally:
-        for p, r in zip(body_p, req): p.requires_grad_(r)
-        opt.zero_grad(set_to_none=True)
-        convert_batchnorm(model, to_global=False)
-    model.load_state_dict(best_state)
-    return model.eval(), hist
+    try: st = fit_epochs(model, cfg, run_epoch, val, checkpoint, show=rank == 0, desc="fine-tune (ddp)")
+    finally: convert_batchnorm(model, to_global=False)
+    return model.eval(), st["hist"]
 
 # %% ../nbs/13_distributed.ipynb #a7590d10
 def _gather_rows(t: torch.Tensor, n: int, rank0_only: bool):
@@ -262,8 +246,8 @@ def extract_alphas_ddp(model: NIWTNet, data, split: str = "trainval", cfg: Impor
     cfg = ImportanceConfig() if cfg is None else cfg
     if not isinstance(cfg, ImportanceConfig): raise input_error("cfg", f"expected an ImportanceConfig, got {type(cfg).__name__}", "pass ImportanceConfig(...)")
     if gather not in ("all", "rank0", "none"): raise input_error("gather", f"expected 'all', 'rank0' or 'none', got {gather!r}", "pass gather='all'")
-    _check_data(data, [split]); _check_model(model, data)
-    col = seen_columns(data); _check_seen_split(data, split, col)
+    check_data(data, [split]); check_model(model, data)
+    col = seen_columns(data); check_seen_split(data, split, col)
     idx_all = data.splits[split]; n, K, n_seen = len(idx_all), model.K, model.n_seen
     if n == 0: raise input_error("split", f"{split!r} has no images", "pick a split with seen-class images")
     rank, world = dist_info()

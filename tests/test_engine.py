@@ -11,7 +11,7 @@ from niwt_nb.core import NIWTInputError
 from niwt_nb.models import ModelConfig, build_model
 from niwt_nb.importance import importances
 from niwt_nb.engine import all_class_importances, target_importances, frozen
-from niwt_nb.alpha2w import Alpha2WConfig, fit_alpha2w, importance_matrix, alpha2w_objective, _reference_alpha, _frozen
+from niwt_nb.alpha2w import Alpha2WConfig, fit_alpha2w, importance_matrix, alpha2w_objective, _reference_alpha
 from functools import partial
 A2W = partial(Alpha2WConfig, objective="mean_alpha", lam=1e-3, stop="absolute", patience=100)   # the settings these tests were written for (the defaults before the original's objective became the default)
 
@@ -101,7 +101,7 @@ def test_alpha2w_fast_and_reference_same_objective(net):
     W = (net.fc.weight.detach().mean(0) + 0.1 * torch.randn(3, net.D, generator=g)).requires_grad_(True)
     G = importance_matrix(net, x, bs=5)
     w_mean = net.fc.weight.detach().mean(0)
-    with _frozen(net):
+    with frozen(net):
         l_ref = alpha2w_objective(_reference_alpha(net, net.acts(x), W, None), target, W, w_mean, 0.01)[0]
         l_fast = alpha2w_objective(W @ G.T, target, W, w_mean, 0.01)[0]
         torch.testing.assert_close(l_fast, l_ref, atol=1e-6, rtol=1e-5)
