@@ -35,7 +35,8 @@ def rank_device() -> torch.device:
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 @contextlib.contextmanager
-def process_group(backend: str | None = None):
+def process_group(backend: str | None = None,  # 'gloo' (CPU) or 'nccl' (GPUs); None: NCCL under torchrun with GPUs, else gloo
+                 ):
     """Initialise torch.distributed from `torchrun`'s environment (or, without it, a one-process group) and destroy it
     on exit; yields `(rank, world_size)`. `backend=None`: NCCL when launched by torchrun with GPUs, else gloo.
     An already initialised group is used as it is (and left alone)."""
@@ -75,6 +76,16 @@ class _AllReduceSum(torch.autograd.Function):
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     "BatchNorm whose training statistics are those of the global batch over all ranks (a SyncBatchNorm for CPU/gloo too)."
+    def __init__(self, num_features: int,                # channels `C` of the input `(B, C, ...)`
+                 eps: float = 1e-5,                       # added to the variance
+                 momentum: float | None = 0.1,            # update rate of the running statistics (None: cumulative average)
+                 affine: bool = True,                     # learnable scale and shift
+                 track_running_stats: bool = True,        # keep running statistics (used in eval mode)
+                 device=None,                             # where the parameters and buffers live
+                 dtype=None,                              # their dtype
+                ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
     def _check_input_dim(self, x):
         if x.ndim < 2: raise input_error("x", f"expected (B, C, ...) activations, got shape {tuple(x.shape)}", "pass a batch")
 
@@ -105,7 +116,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine: y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
 
-def convert_batchnorm(model: nn.Module, to_global: bool = True) -> nn.Module:
+def convert_batchnorm(model: nn.Module,       # the network, changed in place
+                      to_global: bool = True,  # True: BatchNorm -> GlobalBatchNorm; False: back to the original classes
+                     ) -> nn.Module:           # the same `model`
     """Swap every `nn.BatchNorm1d/2d/3d` of `model` for a `GlobalBatchNorm` (`to_global=False`: back), in place. The
     parameter and buffer objects are shared, so optimisers and state dicts keep working."""
     if not isinstance(model, nn.Module): raise input_error("model", f"expected an nn.Module, got {type(model).__name__}", "pass the network")
@@ -142,7 +155,8 @@ def _loader(data, img_size):
     return load
 
 # %% ../nbs/13_distributed.ipynb #a5e43b30
-def sync_grads(params: list) -> None:
+def sync_grads(params: list,  # the parameters whose gradients to sum (the same list, in the same order, on every rank)
+              ) -> None:
     """Sum the gradients of `params` over the ranks, in place, with one all-reduce of a flat buffer (what DDP's
     gradient buckets do); a parameter without a gradient counts as zeros. A no-op on one process."""
     rank, world = dist_info()
@@ -237,8 +251,14 @@ def _gather_rows(t: torch.Tensor, n: int, rank0_only: bool):
     else: dist.all_gather(parts, pad)
     return torch.cat([p[:_shard(n, r, world).stop - _shard(n, r, world).start] for r, p in enumerate(parts)])
 
-def extract_alphas_ddp(model: NIWTNet, data, split: str = "trainval", cfg: ImportanceConfig | None = None, device=None,
-                       gather: str = "all", precision: str = "fp32") -> dict:
+def extract_alphas_ddp(model: NIWTNet,                      # the fine-tuned network, the same on every rank
+                       data,                                # a `ZSLData` (the same on every rank)
+                       split: str = "trainval",             # a split of seen-class images; each rank takes a block
+                       cfg: ImportanceConfig | None = None, # batch size, reduction, image size; None: `ImportanceConfig()`
+                       device=None,                         # this rank's device; None: `rank_device()`
+                       gather: str = "all",                 # where the alphas end up: 'all' ranks, 'rank0' only, or 'none' (each its block)
+                       precision: str = "fp32",             # 'bf16' autocasts on GPUs
+                      ) -> dict:                            # as `extract_alphas` (alphas, labels, idx, class_ids, class_mean, counts, path)
     """`extract_alphas` on every rank of the process group (call it on all ranks): alphas `(n,K)` (None off rank 0 with
     `gather='rank0'`, or the rank's own block with `gather='none'`), labels, idx, class_ids, class_mean `(n_seen,K)`, counts.
     On GPUs the model is converted to channels-last, batches are prefetched from pinned memory, and `precision='bf16'`
@@ -280,8 +300,17 @@ def extract_alphas_ddp(model: NIWTNet, data, split: str = "trainval", cfg: Impor
                 class_mean=(sums[:, :K] / counts[:, None]).float(), counts=counts.long(), path=None)
 
 # %% ../nbs/13_distributed.ipynb #bb7d0d5a
-def ddp_job(out, n_classes: int = 10, n_per_class: int = 16, size: int = 16, width: int = 8, epochs: int = 2, bs: int = 24,
-            lr: float = 3e-3, seed: int = 0, backend: str | None = None) -> dict | None:
+def ddp_job(out,                    # the file rank 0 writes (state, history, alphas, ...)
+            n_classes: int = 10,    # Shapes classes
+            n_per_class: int = 16,  # images per class
+            size: int = 16,         # image side in pixels
+            width: int = 8,         # the small CNN's width
+            epochs: int = 2,        # fine-tuning epochs
+            bs: int = 24,           # global batch size
+            lr: float = 3e-3,       # Adam learning rate
+            seed: int = 0,          # seeds the data, the init and the training
+            backend: str | None = None,  # see `process_group`
+           ) -> dict | None:        # rank 0: what it wrote; other ranks: None
     "Fine-tune on Shapes and extract alphas on every rank of a `torchrun` job; rank 0 writes `out` and returns its content."
     from niwt_nb.models import ModelConfig, build_model
     from niwt_nb.shapes import ShapesConfig, make_shapes
@@ -300,7 +329,8 @@ def ddp_job(out, n_classes: int = 10, n_per_class: int = 16, size: int = 16, wid
     atomic_torch_save(obj, Path(out))
     return obj
 
-def main(argv=None):
+def main(argv=None,  # command-line arguments (None: `sys.argv[1:]`)
+        ):
     "Command line of `ddp_job` (run it with torchrun)."
     p = argparse.ArgumentParser(prog="python -m niwt_nb.distributed", description=ddp_job.__doc__)
     p.add_argument("--out", required=True)
@@ -309,7 +339,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     ddp_job(a.out, a.n_classes, a.n_per_class, a.size, a.width, a.epochs, a.bs, a.lr, a.seed, a.backend)
 
-def launch(nproc: int, out, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def launch(nproc: int,            # processes on this machine
+           out,                   # the file `ddp_job` writes
+           timeout: float = 300,  # seconds before the job is killed
+           **kw,                  # further `ddp_job` arguments (e.g. epochs=3)
+          ) -> subprocess.CompletedProcess:
     "Run `ddp_job` on `nproc` local processes with torchrun (`--standalone`); raises with the workers' output if it fails."
     if not isinstance(nproc, int) or nproc < 1: raise input_error("nproc", f"expected a positive int, got {nproc!r}", "pass e.g. nproc=2")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "niwt_nb.distributed",

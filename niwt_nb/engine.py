@@ -16,7 +16,8 @@ __all__ = ['frozen', 'score_grads', 'head_jacobian', 'all_class_importances', 't
 
 # %% ../nbs/05a_engine.ipynb #6163b780
 @contextlib.contextmanager
-def frozen(model: nn.Module):
+def frozen(model: nn.Module,  # the network to freeze while the block runs
+          ):
     "Context manager: eval mode and `requires_grad=False` on every parameter; modes and flags restored on exit."
     if not isinstance(model, nn.Module): raise input_error("model", f"expected an nn.Module, got {type(model).__name__}", "pass the network")
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -226,7 +227,12 @@ def _jacobian_one_pass(conv, rest, A: torch.Tensor):
     M = _const_response(conv, A.shape[-2:], z.shape[-2:]).view(A.shape[1], O, -1)   # (K, O, h'w')
     return torch.einsum("bop,kop->bok", g.reshape(B, O, -1).float(), M.float())    # (B, D, K)
 
-def head_jacobian(model: nn.Module, A: torch.Tensor, reduce: str = "sum", chunk_mb: float = 256, fast: bool = True) -> torch.Tensor:
+def head_jacobian(model: nn.Module,     # the network (`features`, `fc`, maybe `head`), frozen during the call
+                  A: torch.Tensor,      # activations `(B, K, h, w)` at the importance layer
+                  reduce: str = "sum",  # over space: 'sum' or 'mean'
+                  chunk_mb: float = 256,  # memory budget of one batched backward (the general route)
+                  fast: bool = True,    # one backward pass when the head allows it (verified once per head)
+                 ) -> torch.Tensor:     # `G (B, D, K)`
     """Importances of every feature direction `(B, D, K)` for activations `A (B,K,h,w)` of a frozen `model`:
     `G[b] @ ...`: the importances of weights `w (D,)` on image `b` are `G[b].T @ w`. One backward pass when the head is a
     convolution followed by channel-wise operations (`fast=True`, verified once per head), else `D` batched ones."""
@@ -254,10 +260,18 @@ def head_jacobian(model: nn.Module, A: torch.Tensor, reduce: str = "sum", chunk_
     return G / (A.shape[2] * A.shape[3]) if reduce == "mean" else G
 
 # %% ../nbs/05a_engine.ipynb #11e78155
-def all_class_importances(model: nn.Module, x: torch.Tensor | None = None, classes=None, W: torch.Tensor | None = None,
-                          b: torch.Tensor | None = None, reduce: str = "sum", chunk_mb: float = 256,
-                          method: str = "auto", precision: str = "fp32", fold: bool = True,
-                          A: torch.Tensor | None = None) -> torch.Tensor:
+def all_class_importances(model: nn.Module,               # the network (`acts`, `features`, `fc`), frozen during the call
+                          x: torch.Tensor | None = None,   # images `(B, 3, H, W)` (or pass their activations `A=`)
+                          classes=None,                    # None: every row; `C` rows shared by all images; or `(B, T)` rows per image
+                          W: torch.Tensor | None = None,   # other classifier rows `(C_all, D)` (None: `model.fc.weight`)
+                          b: torch.Tensor | None = None,   # their biases `(C_all,)` (only checked); needs `W`
+                          reduce: str = "sum",             # over space: 'sum' (the paper) or 'mean' (Grad-CAM)
+                          chunk_mb: float = 256,           # memory budget of one batched backward
+                          method: str = "auto",            # 'vjp' (batched over classes), 'jacobian' (over features) or 'auto' (the cheaper)
+                          precision: str = "fp32",         # 'bf16' autocasts the network to bfloat16 (for GPUs)
+                          fold: bool = True,               # fold the head's first convolutions (same numbers up to rounding, faster)
+                          A: torch.Tensor | None = None,   # activations `(B, K, h, w)` instead of images: only the head runs
+                         ) -> torch.Tensor:                # `(B, C, K)`, or `(B, T, K)`, on `x`'s (`A`'s) device
     """Importances `(B, C, K)` of images `x (B,3,H,W)` for every row of the classifier (`classes=None`), for a list of
     `C` rows shared by all images, or `(B, T, K)` for `(B, T)` rows per image. Rows index `model.fc` or `W (C_all, D)`.
     One forward pass; backward passes batched over classes (`method` 'vjp') or features ('jacobian'), chunked to
@@ -306,9 +320,16 @@ def all_class_importances(model: nn.Module, x: torch.Tensor | None = None, class
     return a.to(out_dev)
 
 # %% ../nbs/05a_engine.ipynb #93355d6c
-def target_importances(model: nn.Module, x: torch.Tensor | None = None, targets=None, W: torch.Tensor | None = None,
-                       b: torch.Tensor | None = None, reduce: str = "sum", precision: str = "fp32", fold: bool = True,
-                       A: torch.Tensor | None = None) -> torch.Tensor:
+def target_importances(model: nn.Module,               # the network, frozen during the call
+                       x: torch.Tensor | None = None,   # images `(B, 3, H, W)` (or pass their activations `A=`)
+                       targets=None,                    # the row to explain: an int for every image, or one per image
+                       W: torch.Tensor | None = None,   # other classifier rows `(C, D)` (None: `model.fc.weight`)
+                       b: torch.Tensor | None = None,   # their biases `(C,)` (only checked); needs `W`
+                       reduce: str = "sum",             # over space: 'sum' or 'mean'
+                       precision: str = "fp32",         # 'bf16' autocasts the network to bfloat16 (for GPUs)
+                       fold: bool = True,               # fold the head's first convolutions (same numbers up to rounding)
+                       A: torch.Tensor | None = None,   # activations `(B, K, h, w)` instead of images: only the head runs
+                      ) -> torch.Tensor:                # `(B, K)`
     "`(B, K)` importances of each image's `targets` row (an int, or one row per image) on a frozen network, from images `x` or their activations `A=`."
     src = x if A is None else A
     if not isinstance(src, torch.Tensor) or src.ndim != 4:
@@ -325,12 +346,17 @@ def target_importances(model: nn.Module, x: torch.Tensor | None = None, targets=
     return all_class_importances(model, x, t[:, None], W, b, reduce, method="vjp", precision=precision, fold=fold, A=A)[:, 0]
 
 # %% ../nbs/05a_engine.ipynb #002c6b91
-def to_channels_last(model: nn.Module) -> nn.Module:
+def to_channels_last(model: nn.Module,  # the network, converted in place
+                    ) -> nn.Module:      # the same `model`
     "Convert `model`'s 4-D parameters and buffers to channels-last memory format (in place; values unchanged)."
     if not isinstance(model, nn.Module): raise input_error("model", f"expected an nn.Module, got {type(model).__name__}", "pass the network")
     return model.to(memory_format=torch.channels_last)
 
-def to_device(batches, device, channels_last: bool | None = None, prefetch: int = 2):
+def to_device(batches,                      # an iterable of `(x, *rest)` batches
+              device,                       # where `x` goes
+              channels_last: bool | None = None,  # convert 4-D `x` to channels-last (None: on CUDA only)
+              prefetch: int = 2,            # CUDA: how many batches a background thread copies ahead
+             ):
     """Iterate `(x, *rest)` batches moved to `device`: on CUDA `x` is pinned and copied with `non_blocking=True` by a
     background thread `prefetch` batches ahead, and converted to channels-last (`channels_last=None`: on CUDA only).
     On a CPU device the batches pass through unchanged unless `channels_last=True`."""

@@ -97,9 +97,9 @@ def importances(model: NIWTNet,                # the network
 @dataclass(frozen=True)
 class ImportanceConfig(Config):
     "How alphas are computed: batch size, spatial reduction ('sum' as in the paper, or 'mean' as in Grad-CAM)."
-    bs: int = 64
-    reduce: str = "sum"
-    num_workers: int = 0
+    bs: int = 64           # images per batch (one forward and one backward pass each)
+    reduce: str = "sum"    # over space: 'sum' (the paper) or 'mean' (Grad-CAM)
+    num_workers: int = 0   # DataLoader workers for image files
     img_size: int | None = None  # resize images to img_size x img_size (use the size the model was trained at)
 
     def __post_init__(self):
@@ -109,8 +109,15 @@ class ImportanceConfig(Config):
         if self.reduce not in ("sum", "mean"): raise input_error("reduce", f"expected 'sum' or 'mean', got {self.reduce!r}", "pass reduce='sum'")
 
 # %% ../nbs/05_importance.ipynb #128f5cc1
-def extract_alphas(model: NIWTNet, data, split: str = "trainval", cfg: ImportanceConfig | None = None, device=None,
-                   out_dir=None, max_memory_mb: float | None = None, acts: ActivationCache | None = None) -> dict:
+def extract_alphas(model: NIWTNet,                      # the fine-tuned network (`n_seen` outputs)
+                   data,                                # a `ZSLData`
+                   split: str = "trainval",             # a split of seen-class images
+                   cfg: ImportanceConfig | None = None, # batch size, reduction, image size; None: `ImportanceConfig()`
+                   device=None,                         # where to compute (None: `get_device()`); the model moves there
+                   out_dir=None,                        # a folder for the memmap when the alphas exceed `max_memory_mb`
+                   max_memory_mb: float | None = None,  # above this the alphas go to a `.npy` memmap in `out_dir` (None: always RAM)
+                   acts: ActivationCache | None = None, # activations of the split computed beforehand: only the head runs
+                  ) -> dict:                            # alphas `(n, K)`, labels, idx, class_ids, class_mean `(n_seen, K)`, counts, path
     "Importances of each seen-class image of `split` for its own class (from cached activations `acts` if given): alphas `(n,K)`, labels, idx, class_ids, class_mean `(n_seen,K)`, counts, path."
     cfg = ImportanceConfig() if cfg is None else cfg
     if not isinstance(cfg, ImportanceConfig): raise input_error("cfg", f"expected an ImportanceConfig, got {type(cfg).__name__}", "pass ImportanceConfig(...)")
@@ -167,7 +174,12 @@ def extract_alphas(model: NIWTNet, data, split: str = "trainval", cfg: Importanc
                 counts=counts.long(), path=path)
 
 # %% ../nbs/05_importance.ipynb #b81b4c17
-def plot_alphas(class_mean, class_names=None, n_channels: int = 40, normalize: bool = True, ax=None):
+def plot_alphas(class_mean,             # class-mean alphas `(n_cls, K)`, or an `extract_alphas` result
+                class_names=None,       # one label per row (None: row numbers)
+                n_channels: int = 40,   # how many of the most class-specific channels (highest variance over classes) to show
+                normalize: bool = True, # L2-normalise each row first (NIWT compares alphas by cosine)
+                ax=None,                # a matplotlib Axes to draw into (None: a new figure)
+               ):
     "Heatmap of class-mean alphas `(n_cls, K)` (or an `extract_alphas` result) over the most class-specific channels; returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
     if isinstance(class_mean, dict): class_mean = class_mean["class_mean"]

@@ -31,7 +31,9 @@ def _conv_block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
 
 class SmallCNN(nn.Module):
     "A 4-block CNN for small images: `features` (blocks 0-3), global average pool, `fc`."
-    def __init__(self, width: int = 32, num_classes: int = 10):
+    def __init__(self, width: int = 32,      # channels of the first block (then 2x, 4x, 4x)
+                 num_classes: int = 10,   # outputs of `fc`
+                ):
         super().__init__()
         w = width
         self.features = nn.Sequential(_conv_block(3, w), _conv_block(w, 2 * w), _conv_block(2 * w, 4 * w),
@@ -56,13 +58,15 @@ def _check_backbone(backbone) -> str:
                           f"use one of {list(BACKBONES)}")
     return backbone
 
-def natural_input_size(backbone: str) -> int | None:
+def natural_input_size(backbone: str,  # one of `BACKBONES`
+                      ) -> int | None:  # the side in pixels, or None
     "Side in pixels of the square images `backbone`'s ImageNet weights were trained on; `None` for smallcnn (the data's own size)."
     _check_backbone(backbone)
     if backbone == "smallcnn": return None
     return LITE_PARAMS[backbone][2] if backbone in LITE_PARAMS else 224
 
-def input_norm(backbone: str) -> tuple[tuple, tuple]:
+def input_norm(backbone: str,           # one of `BACKBONES`
+              ) -> tuple[tuple, tuple]:  # `(mean, std)`, three values each
     "`(mean, std)` per RGB channel, for images in [0, 1], that `backbone`'s first module applies."
     _check_backbone(backbone)
     return (LITE_MEAN, LITE_STD) if backbone in LITE_PARAMS else (IMAGENET_MEAN, IMAGENET_STD)
@@ -120,7 +124,9 @@ def _split_points(stages: list, prefix: str = "") -> list[str]:
 # %% ../nbs/04_models.ipynb #e8be91cd
 class ImageNorm(nn.Module):
     "Accept `uint8` images or floats in [0, 1] and normalise them with `mean`/`std` (ImageNet's by default; see `input_norm`)."
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, mean=IMAGENET_MEAN,  # per-channel mean (R, G, B) of images in [0, 1]
+                 std=IMAGENET_STD,        # per-channel standard deviation
+                ):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -134,8 +140,13 @@ class ImageNorm(nn.Module):
 # %% ../nbs/04_models.ipynb #c52bc257
 class NIWTNet(nn.Module):
     "A CNN cut at its importance layer: `body` (image -> A), `head` (A -> f), `fc` (f -> seen-class logits)."
-    def __init__(self, body: nn.Module, head: nn.Module, fc: nn.Linear, layer: str, backbone: str = "",
-                 weights_desc: str = ""):
+    def __init__(self, body: nn.Module,    # images -> activations `A (B, K, h, w)` at the importance layer
+                 head: nn.Module,          # `A` -> classifier input `f (B, D)`
+                 fc: nn.Linear,            # `f` -> seen-class logits
+                 layer: str,               # the importance layer's dotted name in the full backbone
+                 backbone: str = "",       # the backbone's name (recorded)
+                 weights_desc: str = "",   # where the weights came from (recorded)
+                ):
         super().__init__()
         self.body, self.head, self.fc = body, head, fc
         self.layer, self.backbone, self.weights_desc = layer, backbone, weights_desc
@@ -144,14 +155,16 @@ class NIWTNet(nn.Module):
     @property
     def n_seen(self) -> int: return self.fc.out_features
 
-    def acts(self, x: torch.Tensor) -> torch.Tensor:
+    def acts(self, x: torch.Tensor,  # images `(B, 3, H, W)`, uint8 or float in [0, 1]
+            ) -> torch.Tensor:       # `A (B, K, h, w)`
         "Activations `A (B,K,h,w)` of the importance layer for images `x (B,3,H,W)` (uint8 or float in [0,1])."
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             raise input_error("x", f"expected images of shape (B,3,H,W), got {getattr(x, 'shape', type(x).__name__)}",
                               "pass a batch of RGB images (use x[None] for a single image)")
         return self.body(x)
 
-    def features(self, A: torch.Tensor) -> torch.Tensor:
+    def features(self, A: torch.Tensor,  # activations `(B, K, h, w)`
+                ) -> torch.Tensor:       # `f (B, D)`
         "Classifier input `f (B,D)` from activations `A (B,K,h,w)`."
         if not isinstance(A, torch.Tensor) or A.ndim != 4 or (self.K is not None and A.shape[1] != self.K):
             raise input_error("A", f"expected activations (B,{self.K},h,w), got {getattr(A, 'shape', type(A).__name__)}",
@@ -301,7 +314,9 @@ def _imagenet_state_dict(cfg: ModelConfig) -> tuple[dict, str]:
                           f"ModelConfig('efficientnet_lite0', weights='imagenet')), or download {w.url} elsewhere and pass its local path as weights=") from e
     return sd, f"torchvision {w} (ImageNet-1k)"
 
-def build_model(cfg: ModelConfig, n_seen: int) -> NIWTNet:
+def build_model(cfg: ModelConfig,  # backbone, layer, weights, width, seed
+                n_seen: int,       # number of seen classes: outputs of the new `fc`
+               ) -> NIWTNet:
     "Build the `NIWTNet` described by `cfg` with a new `fc` for `n_seen` seen classes."
     if not isinstance(cfg, ModelConfig): raise input_error("cfg", f"expected a ModelConfig, got {type(cfg).__name__}", "pass ModelConfig(...)")
     if not isinstance(n_seen, int) or isinstance(n_seen, bool) or n_seen < 1:
@@ -385,7 +400,8 @@ def _split_idx(data, split) -> torch.Tensor:
                           "pass indices of data.images")
     return idx
 
-def seen_columns(data) -> torch.Tensor:
+def seen_columns(data,           # a `ZSLData`
+                ) -> torch.Tensor:  # `(n_cls,)` long
     "`(n_cls,)` long: the column of each class id in the seen classifier (`data.seen[j]` -> `j`), -1 for unseen ones."
     check_data(data)
     n_cls = len(data.classes) if hasattr(data, "classes") else int(max(data.labels.max(), data.seen.max())) + 1
@@ -395,7 +411,8 @@ def seen_columns(data) -> torch.Tensor:
 
 class SquareResize:
     "Resize images `(3,H,W)` or `(B,3,H,W)` (uint8 or float in [0,1]) to float `size x size` (bilinear, antialiased)."
-    def __init__(self, size: int):
+    def __init__(self, size: int,  # the side in pixels
+                ):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise input_error("img_size", f"expected a positive int, got {size!r}", "pass e.g. img_size=224")
         self.size = size
@@ -407,8 +424,14 @@ class SquareResize:
         return b[0] if x.ndim == 3 else b
     def __repr__(self): return f"SquareResize({self.size})"
 
-def iter_batches(data, split, bs: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                 num_workers: int = 0, img_size: int | None = None):
+def iter_batches(data,                   # a `ZSLData`
+                 split,                  # a split name or image indices (1-D tensor or list)
+                 bs: int,                # images per batch
+                 shuffle: bool = False,  # a random order (drawn from `generator`)
+                 generator: torch.Generator | None = None,  # the random stream of the order
+                 num_workers: int = 0,   # DataLoader workers for image files
+                 img_size: int | None = None,  # resize to `img_size x img_size` (None: as stored)
+                ):
     "Iterator of `(x (B,3,H,W), y (B,) class ids, idx (B,) image indices)` over `split` (a name or image indices), resized to `img_size` if given."
     idx = _split_idx(data, split)
     if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1: raise input_error("bs", f"expected a positive int, got {bs!r}", "pass e.g. bs=64")
@@ -457,7 +480,8 @@ def _digest(named, h=None):
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h
 
-def body_fingerprint(model: NIWTNet) -> str:
+def body_fingerprint(model: NIWTNet,  # the network whose body is fingerprinted
+                    ) -> str:
     "16 hex digits identifying what `model.acts` computes: backbone, layer, input normalisation and every body tensor."
     check_model(model)
     named = sorted([*model.body.named_parameters(), *model.body.named_buffers()], key=lambda kv: kv[0])
@@ -490,7 +514,11 @@ class ActivationCache:
     """Activations `A (n, K, h, w)` of a frozen body for the images `idx`, then those of the horizontally flipped images
     (rows `n .. 2n-1`) when `flip`; held in RAM (a tensor) or on disk (a read-only `.npy` memmap). Build it with
     `cache_activations`, reopen a saved one with `load_activations`."""
-    def __init__(self, store, idx: torch.Tensor, meta: dict, path: Path | None = None):
+    def __init__(self, store,                # the activations: a tensor (RAM) or a numpy memmap (disk), images then flips
+                 idx: torch.Tensor,          # `(n,)` image index of each row
+                 meta: dict,                 # format, shape, dtype, flip, fingerprint, backbone, layer, img_size, ...
+                 path: Path | None = None,   # the folder it is saved in (None: not saved)
+                ):
         self.store, self.idx, self.meta, self.path = store, idx, meta, (Path(path) if path is not None else None)
         self._pos = torch.full((int(idx.max()) + 1 if len(idx) else 0,), -1, dtype=torch.long)
         self._pos[idx] = torch.arange(len(idx))
@@ -520,11 +548,13 @@ class ActivationCache:
         pos[inside] = self._pos[ii[inside]]
         return pos
 
-    def has(self, image_idx) -> bool:
+    def has(self, image_idx,  # image indices (1-D)
+           ) -> bool:
         "Whether every image index of `image_idx` is cached."
         return bool((self._lookup(image_idx) >= 0).all())
 
-    def positions(self, image_idx) -> torch.Tensor:
+    def positions(self, image_idx,  # image indices (1-D)
+                 ) -> torch.Tensor:  # `(B,)` long
         "Positions `(B,)` in the cache of the images `image_idx` (image indices); raises naming the images not cached."
         pos = self._lookup(image_idx)
         if (pos < 0).any():
@@ -533,7 +563,10 @@ class ActivationCache:
                               "cache every image you use: cache_activations(model, data, split_or_indices, ...)")
         return pos
 
-    def gather(self, pos, device=None, flipped=None) -> torch.Tensor:
+    def gather(self, pos,       # positions `(B,)` in the cache (see `positions`)
+               device=None,     # where the result goes (None: CPU)
+               flipped=None,    # `(B,)` bool: take the flipped image where True (None: no flips)
+              ) -> torch.Tensor:  # `(B, K, h, w)` float32
         "`(B, K, h, w)` float32 activations at positions `pos` on `device` (CPU by default); flipped images where `flipped (B,)` is True."
         pos = torch.as_tensor(pos).long().cpu()
         if flipped is not None:
@@ -546,7 +579,8 @@ class ActivationCache:
         A = self.store[pos] if self.in_memory else torch.from_numpy(self.store[pos.numpy()])  # a memmap reads only these rows
         return A.to("cpu" if device is None else device).float()
 
-    def save(self, path) -> Path:
+    def save(self, path,  # the folder to write (replaced atomically)
+            ) -> Path:
         "Write the cache to the folder `path` atomically; returns `path`. A cache already backed by `path` is left as is."
         path = Path(path)
         if self.path is not None and path.exists() and path.resolve() == self.path.resolve(): return path
@@ -559,7 +593,9 @@ class ActivationCache:
             shutil.rmtree(tmp, ignore_errors=True); raise
         return path
 
-def load_activations(path, budget_mb: float = 2048) -> ActivationCache:
+def load_activations(path,                     # the folder a cache was saved in
+                     budget_mb: float = 2048,  # read into RAM up to this size, else memory-map the file
+                    ) -> ActivationCache:
     "The cache saved in the folder `path`: read into RAM when it fits in `budget_mb`, else a read-only memmap of its file."
     p = Path(path)
     if not (p / "meta.json").is_file():
@@ -586,9 +622,18 @@ def _body_acts(model, xb, dev):
     return torch.cat([model.acts(xb[i:i + CPU_FORWARD_BS]) for i in range(0, len(xb), CPU_FORWARD_BS)])
 
 @torch.no_grad()
-def cache_activations(model: NIWTNet, data, idx="trainval", dtype="float16", budget_mb: float = 2048, path=None,
-                      flip: bool = False, img_size: int | None = None, bs: int = 64, device=None,
-                      num_workers: int = 0) -> ActivationCache:
+def cache_activations(model: NIWTNet,            # the network whose (frozen, eval-mode) body computes the activations
+                      data,                      # a `ZSLData`
+                      idx="trainval",            # a split name or image indices
+                      dtype="float16",           # storage: 'float16' (half the bytes) or 'float32' (exact)
+                      budget_mb: float = 2048,   # RAM budget; above it the activations stream into a memmap in `path`
+                      path=None,                 # a folder to save the cache in (needed above `budget_mb`)
+                      flip: bool = False,        # also cache the horizontally flipped images (for augmentation)
+                      img_size: int | None = None,  # resize images to `img_size x img_size` first
+                      bs: int = 64,              # images per forward pass
+                      device=None,               # where to compute (None: `get_device()`)
+                      num_workers: int = 0,      # DataLoader workers for image files
+                     ) -> ActivationCache:
     """Activations of `model.body` (eval mode) for the images `idx` (a split name or image indices), and of their
     horizontal flips if `flip`, stored in `dtype` ('float16' or 'float32'): in RAM below `budget_mb`, else streamed into
     a memmap in the folder `path`. Given `path`, the cache is (also) saved there."""
@@ -655,7 +700,8 @@ def check_acts(acts: ActivationCache,  # the cached activations to use with `mod
 # %% ../nbs/04_models.ipynb #7f9d2938
 class JoinedCache(ActivationCache):
     "Several `ActivationCache`s of one body (same fingerprint and activation shape, disjoint images) read as one, without copying."
-    def __init__(self, *caches: ActivationCache):
+    def __init__(self, *caches: ActivationCache,  # caches of one body over disjoint images
+                ):
         if not caches: raise input_error("caches", "is empty", "pass at least one ActivationCache")
         for c in caches:
             if not isinstance(c, ActivationCache):
@@ -674,7 +720,10 @@ class JoinedCache(ActivationCache):
     def nbytes(self) -> int: return sum(c.nbytes for c in self.parts)
     def __repr__(self) -> str: return f"JoinedCache({len(self)} images in {len(self.parts)} parts, A {self.shape} {self.meta['dtype']})"
 
-    def gather(self, pos, device=None, flipped=None) -> torch.Tensor:
+    def gather(self, pos,       # positions `(B,)` (through the parts, in order)
+               device=None,     # where the result goes (None: CPU)
+               flipped=None,    # `(B,)` bool: take the flipped image where True
+              ) -> torch.Tensor:  # `(B, K, h, w)` float32
         "`(B, K, h, w)` float32 activations at positions `pos` (through the parts in order), each read from its own part."
         pos = torch.as_tensor(pos).long().cpu()
         if ((pos < 0) | (pos >= len(self))).any(): raise input_error("pos", f"holds positions outside 0..{len(self) - 1}", "use positions(image_idx)")
@@ -685,7 +734,8 @@ class JoinedCache(ActivationCache):
             if m.any(): out[m.to(out.device)] = c.gather(pos[m] - lo, device, None if flipped is None else flipped[m])
         return out
 
-    def save(self, path) -> Path: raise input_error("path", "a JoinedCache is a view and is not saved", "save its parts (cache.parts)")
+    def save(self, path,  # not used: a view is not saved
+            ) -> Path: raise input_error("path", "a JoinedCache is a view and is not saved", "save its parts (cache.parts)")
 
 # %% ../nbs/04_models.ipynb #1bb5c365
 TRAIN_MODES = ("full", "cached")
@@ -693,17 +743,17 @@ TRAIN_MODES = ("full", "cached")
 @dataclass(frozen=True)
 class TrainConfig(Config):
     "Seen-class fine-tuning: epochs, mode (full or on cached activations), head-only warm-up, optimiser, early stopping, augmentation, seed."
-    epochs: int = 10
+    epochs: int = 10             # upper bound on passes over the training images
     head_epochs: int = 0         # first epochs train head + fc only (body frozen)
     finetune_all: bool = True    # False: the body stays frozen for every epoch
-    lr: float = 1e-3
+    lr: float = 1e-3             # Adam learning rate of head + fc
     body_lr_mult: float = 1.0    # learning rate of the body = lr * body_lr_mult (e.g. 0.1 for pretrained bodies)
-    wd: float = 5e-4
-    bs: int = 64
+    wd: float = 5e-4             # Adam weight decay
+    bs: int = 64                 # images per optimiser step
     patience: int | None = 3     # epochs without val improvement before stopping; None = never stop early
     augment: bool = True         # random horizontal flips
-    seed: int = 0
-    num_workers: int = 0
+    seed: int = 0                # seeds the order, the flips and the dropout masks
+    num_workers: int = 0         # DataLoader workers for image files
     img_size: int | None = None  # resize images to img_size x img_size (needed for files of different sizes)
     mode: str = "full"           # 'full': images through the whole network; 'cached': frozen body, activations computed once
     cache_dtype: str = "float16" # mode='cached': storage precision of the activations ('float32' = exact)
@@ -941,8 +991,15 @@ def train_seen(model: NIWTNet,                   # the network to fine-tune (bui
 
 # %% ../nbs/04_models.ipynb #a8df26bc
 @torch.no_grad()
-def predict(model: NIWTNet, data, split: str, bs: int = 256, device=None, num_workers: int = 0,
-            img_size: int | None = None, acts: ActivationCache | None = None) -> dict:
+def predict(model: NIWTNet,          # the network
+            data,                    # a `ZSLData`
+            split: str,              # the split to predict
+            bs: int = 256,           # images per batch
+            device=None,             # where to compute (None: `get_device()`); the model moves there
+            num_workers: int = 0,    # DataLoader workers for image files
+            img_size: int | None = None,  # resize images to `img_size x img_size` first
+            acts: ActivationCache | None = None,  # activations of the split computed beforehand: only the head runs
+           ) -> dict:                # logits, features, labels, idx
     "Seen logits `(n, n_seen)`, features `(n, D)`, class ids `(n,)` and image indices `(n,)` for `split` (CPU tensors; the model moves to `device`)."
     check_model(model); check_data(data, [split])
     dev = get_device(device); model.to(dev)
@@ -962,7 +1019,10 @@ def predict(model: NIWTNet, data, split: str, bs: int = 256, device=None, num_wo
                     labels=torch.zeros(0, dtype=torch.long), idx=torch.zeros(0, dtype=torch.long))
     return {k: torch.cat(v) for k, v in out.items()}
 
-def gzsl_logits(features: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def gzsl_logits(features: torch.Tensor,         # classifier inputs `(n, D)`
+                W: torch.Tensor,                # classifier rows `(C, D)` (seen and new)
+                b: torch.Tensor | None = None,  # their biases `(C,)` (None: zeros)
+               ) -> torch.Tensor:               # `(n, C)`
     "Scores `(n, C)` of features `(n, D)` for classifier rows `W (C, D)` and biases `b (C,)` (zeros when None)."
     dims = {}
     features = check_tensor(features, "features", ("n", "D"), dims=dims, dtype="float")
