@@ -39,7 +39,7 @@ class Alpha2WConfig(Config):
     method: str = "fast"            # 'fast': precompute the importance matrices once; 'reference': double backward at every step
     chunk_mb: int = 256             # memory budget of one batched backward / one chunk of per-image matrices
     g_budget_mb: float = 2048       # 'fast' + 'pairs': memory for the per-image G_x (N*K*D): float32, else float16, else mini-batches
-    seed: int = 0
+    seed: int = 0                   # seeds the init and the reference mini-batches (the global RNG is not touched)
 
     def __post_init__(self):
         for k, allowed in (("objective", _OBJECTIVES), ("penalty", _PENALTIES), ("stop", _STOPS), ("bias", _BIASES),
@@ -58,34 +58,17 @@ class Alpha2WConfig(Config):
             raise input_error("init_std", f"must be None or >= 0, got {self.init_std}", "pass None to use the spread of the seen weights")
 
 # %% ../nbs/07_alpha2w.ipynb #58d84415
-from .engine import frozen as _frozen, head_jacobian  # eval mode + no parameter gradients, both restored on exit
+from .engine import frozen, head_jacobian, score_grads  # frozen: eval mode + no parameter gradients, both restored on exit
 
 def _device(model): return next(model.parameters(), torch.empty(0)).device
 
-def _row_grads(model, A, V, chunk_mb):
-    """Spatially summed gradients of `f(A) @ v` w.r.t. activations `A` `(B,K,h,w)` for every row `v` of `V` `(m, D)`
-    (`None`: the identity, i.e. every feature), image by image: `(B, m, K)`."""
-    with torch.enable_grad(): return _row_grads_(model, A, V, chunk_mb)
-
-def _row_grads_(model, A, V, chunk_mb):
-    A = A.detach().requires_grad_(True)
-    f = model.features(A)  # (B, D)
-    B, D = f.shape
-    V = torch.eye(D, dtype=f.dtype, device=f.device) if V is None else V.detach().to(f)
-    chunk = max(1, int(chunk_mb * 2**20 // (A.element_size() * A.numel())))  # rows per batched backward
-    out = []
-    for j in range(0, len(V), chunk):
-        go = V[j:j + chunk, None, :].expand(-1, B, -1).contiguous()  # (c, B, D): row v for every image
-        try:
-            g, = torch.autograd.grad(f, A, go, retain_graph=True, is_grads_batched=True)  # (c, B, K, h, w)
-        except torch.OutOfMemoryError: raise
-        except RuntimeError:  # an op without a batching rule: one backward per row instead
-            g = torch.stack([torch.autograd.grad(f, A, o, retain_graph=True)[0] for o in go])
-        out.append(g.sum((3, 4)).transpose(0, 1))  # (B, c, K)
-    return torch.cat(out, 1)  # (B, m, K)
-
-def importance_matrix(model: nn.Module, x: torch.Tensor, bs: int = 64, chunk_mb: int = 256, per_image: bool = False,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+def importance_matrix(model: nn.Module,        # the network (`acts`, `features`, `fc`), frozen during the call
+                      x: torch.Tensor,         # fed images `(N, 3, H, W)`
+                      bs: int = 64,            # images per forward / backward
+                      chunk_mb: int = 256,     # memory budget of one batched backward
+                      per_image: bool = False, # return every image's `(K, D)` matrix instead of their mean
+                      dtype: torch.dtype | None = None,  # storage of the per-image matrices (None: float32)
+                     ) -> torch.Tensor:        # `(K, D)`, or `(N, K, D)` with `per_image`
     """`G` `(K, D)` such that the mean importances of head weights `W` `(n, D)` over images `x` `(N,3,H,W)` are
     `W @ G.T`: the mean over images of the spatially summed Jacobian of `model.features` w.r.t. `model.acts`.
     `per_image=True`: the `(N, K, D)` matrices of every image instead, stored in `dtype` (default float32)."""
@@ -93,7 +76,7 @@ def importance_matrix(model: nn.Module, x: torch.Tensor, bs: int = 64, chunk_mb:
     for k, v in (("bs", bs), ("chunk_mb", chunk_mb)):
         if not isinstance(v, int) or v < 1: raise input_error(k, f"must be a positive int, got {v!r}", f"pass e.g. {k}=64")
     dev, G = _device(model), 0.
-    with _frozen(model):
+    with frozen(model):
         for i in range(0, len(x), bs):
             with torch.no_grad(): A = model.acts(x[i:i + bs].to(dev))  # (B, K, h, w)
             Gb = head_jacobian(model, A, chunk_mb=chunk_mb).transpose(1, 2)  # (B, K, D): one backward for conv + channel-wise heads
@@ -115,14 +98,24 @@ def _check_feed(feed_x):
     return feed_x
 
 # %% ../nbs/07_alpha2w.ipynb #345beffe
-def alpha2w_penalty(W: torch.Tensor, w_mean: torch.Tensor, lam: float, penalty: str = "mean"):
+def alpha2w_penalty(W: torch.Tensor,       # new classifier rows `(n_new, D)`
+                    w_mean: torch.Tensor,  # the mean seen row `(D,)` they are pulled towards
+                    lam: float,            # the pull's weight
+                    penalty: str = "mean", # 'mean' or 'half_sum' (the original's)
+                   ):                      # `(penalty, l2 (n_new,))`
     """The L2 pull of new rows `W` `(n_new, D)` towards `w_mean` `(D,)`: `lam * mean_c ||W[c] - w_mean||^2` (`'mean'`) or
     `lam * 1/2 * sum_c ||W[c] - w_mean||^2` (`'half_sum'`, the original's `lam * tf.nn.l2_loss`). Returns `(penalty, l2 (n_new,))`."""
     l2 = ((W - w_mean) ** 2).sum(1)  # (n_new,)
     return lam * (l2.mean() if penalty == "mean" else 0.5 * l2.sum()), l2
 
-def alpha2w_objective(alpha_w: torch.Tensor, alpha_target: torch.Tensor, W: torch.Tensor, w_mean: torch.Tensor, lam: float,
-                      penalty: str = "mean", pair_cls: torch.Tensor | None = None):
+def alpha2w_objective(alpha_w: torch.Tensor,       # importances of `W`: `(n_new, K)` ('mean_alpha') or `(P, K)` per pair ('pairs')
+                      alpha_target: torch.Tensor,  # target importances `(n_new, K)`
+                      W: torch.Tensor,             # the new rows `(n_new, D)` (for the penalty)
+                      w_mean: torch.Tensor,        # the mean seen row `(D,)`
+                      lam: float,                  # the penalty's weight
+                      penalty: str = "mean",       # 'mean' or 'half_sum' (see `alpha2w_penalty`)
+                      pair_cls: torch.Tensor | None = None,  # 'pairs': the class `(P,)` of each row of `alpha_w`; None for 'mean_alpha'
+                     ):                            # `(loss, cos (one per row of alpha_w), l2 (n_new,))`
     """Mean cosine distance between importances and targets, plus `alpha2w_penalty`. `'mean_alpha'`: `alpha_w` `(n_new, K)`,
     one feed-averaged row per class, `pair_cls=None`; `'pairs'`: `alpha_w` `(P, K)`, one row per (image, class) pair, and
     `pair_cls` `(P,)` the class of each. `alpha_target` `(n_new, K)`, `W` `(n_new, D)`, `w_mean` `(D,)`.
@@ -133,19 +126,15 @@ def alpha2w_objective(alpha_w: torch.Tensor, alpha_target: torch.Tensor, W: torc
     return (1 - cos).mean() + pen, cos, l2
 
 def _reference_alpha(model, A, W, b):
-    "Batch-mean importances of logits `F.linear(f, W, b)` for activations `A` by autograd, differentiable in `W`: (n_new, K)."
-    A = A.detach().requires_grad_(True)
-    logits = F.linear(model.features(A), W, b)  # (B, n_new)
-    return torch.stack([torch.autograd.grad(logits[:, c].sum(), A, create_graph=True)[0].sum((2, 3)).mean(0)
+    """Batch-mean importances of logits `F.linear(f, W, b)` for activations `A` by autograd (`score_grads`, one backward per
+    class, `create_graph=True`), differentiable in `W`: (n_new, K). The bias has no gradient w.r.t. `A`."""
+    return torch.stack([score_grads(model, A, W[c].expand(len(A), -1), create_graph=True).mean(0)
                         for c in range(W.shape[0])])  # (n_new, K)
 
 def _reference_pair_alpha(model, A, W, pair_cls):
     """Per-image importances `(P, K)` of the logit of class `pair_cls[p]` on activations `A[p]`, by one backward with
     `create_graph=True` (differentiable in `W`): the original's `tf.gradients(logits_unseen * one_hot(class), layer)`."""
-    A = A.detach().requires_grad_(True)
-    score = (model.features(A) * W[pair_cls]).sum()  # sum_p  W[pair_cls[p]] . f(A[p])
-    g, = torch.autograd.grad(score, A, create_graph=True)
-    return g.sum((2, 3))
+    return score_grads(model, A, W[pair_cls], create_graph=True)  # the gradient of sum_p W[pair_cls[p]] . f(A[p])
 
 # %% ../nbs/07_alpha2w.ipynb #bd7cbe1a
 def _g_dtype(N: int, K: int, D: int, budget_mb: float):
@@ -196,11 +185,17 @@ def _feed_cos(model, feed_x, W, target, objective, bs, chunk_mb):
     acc = 0.
     for i in range(0, N, bs):
         with torch.no_grad(): A = model.acts(feed_x[i:i + bs].to(dev))
-        a = _row_grads(model, A, W, chunk_mb)  # (B, n_new, K)
+        a = score_grads(model, A, W[:, None].expand(-1, len(A), -1), chunk_mb=chunk_mb)  # (B, n_new, K): batched backward passes
         acc = acc + (F.cosine_similarity(a, target[None], dim=-1).sum(0) if objective == "pairs" else a.sum(0))
     return acc / N if objective == "pairs" else F.cosine_similarity(acc / N, target, dim=-1)
 
-def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None, cfg: Alpha2WConfig | None = None) -> dict:
+def fit_alpha2w(model: nn.Module,            # the frozen seen network (`acts`, `features`, `fc`)
+                alpha_target,                # predicted importances `(n_new, K)` of the new classes (from dom2alpha)
+                feed_x,                      # fed images `(N, 3, H, W)` (float, normalised like the training input)
+                W_seen=None,                 # seen classifier rows `(n_seen, D)` (None: `model.fc.weight`): init and penalty centre
+                b_seen=None,                 # seen biases `(n_seen,)` (None: `model.fc.bias`)
+                cfg: Alpha2WConfig | None = None,  # hyperparameters; None: `Alpha2WConfig()`
+               ) -> dict:                    # `W`, `b`, `history`, `steps`, `loss`, `cos`, `best_step`, `stopped`, ...
     """New classifier rows for the frozen `model` whose importances over `feed_x` `(N,3,H,W)` match `alpha_target`
     `(n_new, K)`. `W_seen` `(n_seen, D)`, `b_seen` `(n_seen,)` default to `model.fc`. Returns a dict with `W` `(n_new, D)`,
     `b` `(n_new,)`, `history` (per-step `loss`, `cos`, `l2`), `steps`, `loss` (the lowest), `cos` `(n_new,)`, `best_step`,
@@ -221,7 +216,7 @@ def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None
     if cfg.init_std is None and dims["n_seen"] < 2:
         raise input_error("W_seen", "has a single row, so the spread of seen weights is undefined", "pass cfg.init_std explicitly")
     out_dev, dev = W_seen.device, _device(model)
-    with _frozen(model), torch.no_grad():  # shape probe on one image
+    with frozen(model), torch.no_grad():  # shape probe on one image
         A1 = model.acts(feed_x[:1].to(dev)); f1 = model.features(A1)
     if A1.ndim != 4: raise input_error("model", f"acts(x) has shape {tuple(A1.shape)}, expected (B, K, h, w)", "use a convolutional importance layer")
     if A1.shape[1] != dims["K"]:
@@ -253,7 +248,7 @@ def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None
     if path == "reference": order, pos = torch.randperm(n_items, generator=g), 0
     hist = {"loss": [], "cos": [], "l2": []}
     stopper, best, best_step, best_W, stopped = _Plateau(cfg), math.inf, 0, W.detach().clone(), "max_steps"
-    with _frozen(model):
+    with frozen(model):
         for step in range(cfg.max_steps):
             if path == "fast" and pairs:
                 loss, cos, l2, grad = _pairs_loss_grad(Gx, W, target, w_mean, cfg.lam, cfg.penalty, cfg.chunk_mb)
@@ -282,7 +277,9 @@ def fit_alpha2w(model: nn.Module, alpha_target, feed_x, W_seen=None, b_seen=None
             "feed": cfg.feed, "n_feed": N}
 
 # %% ../nbs/07_alpha2w.ipynb #33c81709
-def plot_alpha2w_history(res: dict, ax=None):
+def plot_alpha2w_history(res: dict,  # the dict returned by `fit_alpha2w`
+                         ax=None,    # a matplotlib Axes to draw into (None: a new figure)
+                        ):
     "Loss (left axis) and mean cosine with the targets (right axis) per Adam step. Returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
     if not isinstance(res, dict) or "history" not in res:
@@ -299,7 +296,9 @@ def plot_alpha2w_history(res: dict, ax=None):
     return ax
 
 # %% ../nbs/07_alpha2w.ipynb #8a5a7c4b
-def match_norm(W_new: torch.Tensor, W_seen: torch.Tensor) -> torch.Tensor:
+def match_norm(W_new: torch.Tensor,   # new rows `(n_new, D)`
+               W_seen: torch.Tensor,  # seen rows `(n_seen, D)`: their mean norm is the target
+              ) -> torch.Tensor:      # `(n_new, D)`
     "Rescale rows of `W_new (n_new, D)` to the mean row norm of `W_seen (n_seen, D)` (directions unchanged)."
     n = W_new.norm(dim=1, keepdim=True)
     if (n == 0).any(): raise input_error("W_new", "has an all-zero row", "check the alpha2w result")

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from .core import input_error, eval_mode, seed_everything, atomic_torch_save, progress
-from .models import (TrainConfig, NIWTNet, SquareResize, seen_columns, _check_data, _check_model, _check_seen_split, _train_inputs)
+from .models import (TrainConfig, NIWTNet, SquareResize, seen_columns, check_data, check_model, check_seen_split, train_inputs,
+                            fit_epochs)
 from .importance import ImportanceConfig
 from .engine import target_importances, to_device, to_channels_last
 
@@ -34,7 +35,8 @@ def rank_device() -> torch.device:
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 @contextlib.contextmanager
-def process_group(backend: str | None = None):
+def process_group(backend: str | None = None,  # 'gloo' (CPU) or 'nccl' (GPUs); None: NCCL under torchrun with GPUs, else gloo
+                 ):
     """Initialise torch.distributed from `torchrun`'s environment (or, without it, a one-process group) and destroy it
     on exit; yields `(rank, world_size)`. `backend=None`: NCCL when launched by torchrun with GPUs, else gloo.
     An already initialised group is used as it is (and left alone)."""
@@ -74,6 +76,16 @@ class _AllReduceSum(torch.autograd.Function):
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     "BatchNorm whose training statistics are those of the global batch over all ranks (a SyncBatchNorm for CPU/gloo too)."
+    def __init__(self, num_features: int,                # channels `C` of the input `(B, C, ...)`
+                 eps: float = 1e-5,                       # added to the variance
+                 momentum: float | None = 0.1,            # update rate of the running statistics (None: cumulative average)
+                 affine: bool = True,                     # learnable scale and shift
+                 track_running_stats: bool = True,        # keep running statistics (used in eval mode)
+                 device=None,                             # where the parameters and buffers live
+                 dtype=None,                              # their dtype
+                ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
     def _check_input_dim(self, x):
         if x.ndim < 2: raise input_error("x", f"expected (B, C, ...) activations, got shape {tuple(x.shape)}", "pass a batch")
 
@@ -104,7 +116,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine: y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
 
-def convert_batchnorm(model: nn.Module, to_global: bool = True) -> nn.Module:
+def convert_batchnorm(model: nn.Module,       # the network, changed in place
+                      to_global: bool = True,  # True: BatchNorm -> GlobalBatchNorm; False: back to the original classes
+                     ) -> nn.Module:           # the same `model`
     """Swap every `nn.BatchNorm1d/2d/3d` of `model` for a `GlobalBatchNorm` (`to_global=False`: back), in place. The
     parameter and buffer objects are shared, so optimisers and state dicts keep working."""
     if not isinstance(model, nn.Module): raise input_error("model", f"expected an nn.Module, got {type(model).__name__}", "pass the network")
@@ -141,7 +155,8 @@ def _loader(data, img_size):
     return load
 
 # %% ../nbs/13_distributed.ipynb #a5e43b30
-def sync_grads(params: list) -> None:
+def sync_grads(params: list,  # the parameters whose gradients to sum (the same list, in the same order, on every rank)
+              ) -> None:
     """Sum the gradients of `params` over the ranks, in place, with one all-reduce of a flat buffer (what DDP's
     gradient buckets do); a parameter without a gradient counts as zeros. A no-op on one process."""
     rank, world = dist_info()
@@ -174,70 +189,53 @@ def _val_acc_ddp(model, data, split, bs, col, load, dev) -> float:
     hit, cnt = _all_sum(hc).float().cpu()                                          # float32, as train_seen
     return (hit[cnt > 0] / cnt[cnt > 0]).mean().item()
 
-def train_seen_ddp(model: NIWTNet, data, cfg: TrainConfig | None = None, device=None, ckpt_path=None):
+def train_seen_ddp(model: NIWTNet,                  # the network to fine-tune, the same on every rank
+                   data,                            # a `ZSLData` (the same on every rank): trains on 'train', validates on 'val'
+                   cfg: TrainConfig | None = None,  # the fine-tuning settings; None: `TrainConfig()` (mode 'full' only)
+                   device=None,                     # this rank's device; None: `rank_device()`
+                   ckpt_path=None,                  # rank 0 saves the best state there whenever the validation accuracy improves
+                  ):                                # `(model, history)`, identical on every rank
     "`train_seen` on every rank of the process group (call it on all ranks): returns `(model, history)`, identical on every rank."
-    cfg, col = _train_inputs(model, data, cfg)
+    cfg, col = train_inputs(model, data, cfg)
     idx = data.splits["train"]
     rank, world = dist_info()
     dev = torch.device(device) if device is not None else rank_device()
     model.to(dev)
     load = _loader(data, cfg.img_size)
     gen = seed_everything(cfg.seed)                 # the same stream on every rank: same order and flips as train_seen
-    body_p = list(model.body.parameters()); body_ids = {id(p) for p in body_p}
-    rest_p = [p for p in model.parameters() if id(p) not in body_ids]
-    opt = torch.optim.Adam([{"params": body_p, "lr": cfg.lr * cfg.body_lr_mult}, {"params": rest_p, "lr": cfg.lr}],
-                           weight_decay=cfg.wd)
-    hist = dict(epoch=[], phase=[], train_loss=[], train_acc=[], val_acc=[], seconds=[], best_epoch=None, stopped_early=False)
-    best, best_state, bad = -1.0, None, 0
-    req = [p.requires_grad for p in body_p]
+
+    def run_epoch(ep, frozen, opt):                 # each rank its block of every global batch; gradients summed over ranks
+        trained = [p for p in model.parameters() if p.requires_grad]             # the same list on every rank
+        order = torch.randperm(len(idx), generator=gen)                          # as iter_batches(shuffle=True)
+        stats = torch.zeros(3, dtype=torch.float64)                              # loss sum, hits, images
+        for s in range(0, len(idx), cfg.bs):
+            pos = order[s:s + cfg.bs]; Bg = len(pos)
+            flip = torch.rand(Bg, generator=gen) < 0.5 if cfg.augment else None    # drawn for the global batch
+            sh = _shard(Bg, rank, world)
+            xb, yb = load(idx[pos[sh]])
+            xb, y = xb.to(dev), col[yb].to(dev)
+            if flip is not None: xb = torch.where(flip[sh].to(dev)[:, None, None, None], xb.flip(-1), xb)
+            with torch.set_grad_enabled(not frozen): A = model.acts(xb)
+            out = model.fc(model.features(A))
+            loss_sum = F.cross_entropy(out, y, reduction="sum")
+            opt.zero_grad(set_to_none=True)
+            (loss_sum / Bg).backward()
+            sync_grads(trained)                                                  # summed over ranks: the global batch mean
+            opt.step()
+            stats += torch.tensor([loss_sum.item(), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+        return tuple(_all_sum(stats).tolist())
+
+    def checkpoint(ep, st, improved, opt):          # rank 0, at each new best epoch
+        if improved and ckpt_path is not None and rank == 0:
+            atomic_torch_save({"model": st["best_state"], "epoch": ep, "val_acc": st["hist"]["val_acc"][-1], "history": st["hist"],
+                               "train_config": cfg.to_dict(), "backbone": model.backbone, "layer": model.layer,
+                               "world_size": world}, Path(ckpt_path))
+
+    val = lambda: _val_acc_ddp(model, data, "val", cfg.bs * 2, col, load, dev)
     convert_batchnorm(model)
-    bar = progress(range(cfg.epochs), "fine-tune (ddp)") if rank == 0 else range(cfg.epochs)
-    try:
-        for ep in bar:
-            t0, frozen = time.time(), ep < cfg.head_epochs or not cfg.finetune_all
-            model.train()
-            if frozen: model.body.eval()
-            for p, r in zip(body_p, req): p.requires_grad_(r and not frozen)
-            trained = [p for p in model.parameters() if p.requires_grad]             # the same list on every rank
-            order = torch.randperm(len(idx), generator=gen)                          # as iter_batches(shuffle=True)
-            stats = torch.zeros(3, dtype=torch.float64)                              # loss sum, hits, images
-            for s in range(0, len(idx), cfg.bs):
-                pos = order[s:s + cfg.bs]; Bg = len(pos)
-                flip = torch.rand(Bg, generator=gen) < 0.5 if cfg.augment else None    # drawn for the global batch
-                sh = _shard(Bg, rank, world)
-                xb, yb = load(idx[pos[sh]])
-                xb, y = xb.to(dev), col[yb].to(dev)
-                if flip is not None: xb = torch.where(flip[sh].to(dev)[:, None, None, None], xb.flip(-1), xb)
-                with torch.set_grad_enabled(not frozen): A = model.acts(xb)
-                out = model.fc(model.features(A))
-                loss_sum = F.cross_entropy(out, y, reduction="sum")
-                opt.zero_grad(set_to_none=True)
-                (loss_sum / Bg).backward()
-                sync_grads(trained)                                                  # summed over ranks: the global batch mean
-                opt.step()
-                stats += torch.tensor([loss_sum.item(), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
-            tot, hits, n = _all_sum(stats).tolist()
-            va = _val_acc_ddp(model, data, "val", cfg.bs * 2, col, load, dev)
-            for k, v in dict(epoch=ep, phase="head" if frozen else "all", train_loss=tot / n, train_acc=hits / n,
-                             val_acc=va, seconds=time.time() - t0).items(): hist[k].append(v)
-            if rank == 0: bar.set_postfix(loss=f"{tot / n:.3f}", val=f"{va:.3f}")
-            if va != va or va > best:
-                best, bad, hist["best_epoch"] = (va if va == va else best), 0, ep
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                if ckpt_path is not None and rank == 0:
-                    atomic_torch_save({"model": best_state, "epoch": ep, "val_acc": va, "history": hist,
-                                       "train_config": cfg.to_dict(), "backbone": model.backbone, "layer": model.layer,
-                                       "world_size": world}, Path(ckpt_path))
-            else:
-                bad += 1
-                if cfg.patience is not None and bad >= cfg.patience:
-                    hist["stopped_early"] = True; break
-    finally:
-        for p, r in zip(body_p, req): p.requires_grad_(r)
-        opt.zero_grad(set_to_none=True)
-        convert_batchnorm(model, to_global=False)
-    model.load_state_dict(best_state)
-    return model.eval(), hist
+    try: st = fit_epochs(model, cfg, run_epoch, val, checkpoint, show=rank == 0, desc="fine-tune (ddp)")
+    finally: convert_batchnorm(model, to_global=False)
+    return model.eval(), st["hist"]
 
 # %% ../nbs/13_distributed.ipynb #a7590d10
 def _gather_rows(t: torch.Tensor, n: int, rank0_only: bool):
@@ -253,8 +251,14 @@ def _gather_rows(t: torch.Tensor, n: int, rank0_only: bool):
     else: dist.all_gather(parts, pad)
     return torch.cat([p[:_shard(n, r, world).stop - _shard(n, r, world).start] for r, p in enumerate(parts)])
 
-def extract_alphas_ddp(model: NIWTNet, data, split: str = "trainval", cfg: ImportanceConfig | None = None, device=None,
-                       gather: str = "all", precision: str = "fp32") -> dict:
+def extract_alphas_ddp(model: NIWTNet,                      # the fine-tuned network, the same on every rank
+                       data,                                # a `ZSLData` (the same on every rank)
+                       split: str = "trainval",             # a split of seen-class images; each rank takes a block
+                       cfg: ImportanceConfig | None = None, # batch size, reduction, image size; None: `ImportanceConfig()`
+                       device=None,                         # this rank's device; None: `rank_device()`
+                       gather: str = "all",                 # where the alphas end up: 'all' ranks, 'rank0' only, or 'none' (each its block)
+                       precision: str = "fp32",             # 'bf16' autocasts on GPUs
+                      ) -> dict:                            # as `extract_alphas` (alphas, labels, idx, class_ids, class_mean, counts, path)
     """`extract_alphas` on every rank of the process group (call it on all ranks): alphas `(n,K)` (None off rank 0 with
     `gather='rank0'`, or the rank's own block with `gather='none'`), labels, idx, class_ids, class_mean `(n_seen,K)`, counts.
     On GPUs the model is converted to channels-last, batches are prefetched from pinned memory, and `precision='bf16'`
@@ -262,8 +266,8 @@ def extract_alphas_ddp(model: NIWTNet, data, split: str = "trainval", cfg: Impor
     cfg = ImportanceConfig() if cfg is None else cfg
     if not isinstance(cfg, ImportanceConfig): raise input_error("cfg", f"expected an ImportanceConfig, got {type(cfg).__name__}", "pass ImportanceConfig(...)")
     if gather not in ("all", "rank0", "none"): raise input_error("gather", f"expected 'all', 'rank0' or 'none', got {gather!r}", "pass gather='all'")
-    _check_data(data, [split]); _check_model(model, data)
-    col = seen_columns(data); _check_seen_split(data, split, col)
+    check_data(data, [split]); check_model(model, data)
+    col = seen_columns(data); check_seen_split(data, split, col)
     idx_all = data.splits[split]; n, K, n_seen = len(idx_all), model.K, model.n_seen
     if n == 0: raise input_error("split", f"{split!r} has no images", "pick a split with seen-class images")
     rank, world = dist_info()
@@ -296,8 +300,17 @@ def extract_alphas_ddp(model: NIWTNet, data, split: str = "trainval", cfg: Impor
                 class_mean=(sums[:, :K] / counts[:, None]).float(), counts=counts.long(), path=None)
 
 # %% ../nbs/13_distributed.ipynb #bb7d0d5a
-def ddp_job(out, n_classes: int = 10, n_per_class: int = 16, size: int = 16, width: int = 8, epochs: int = 2, bs: int = 24,
-            lr: float = 3e-3, seed: int = 0, backend: str | None = None) -> dict | None:
+def ddp_job(out,                    # the file rank 0 writes (state, history, alphas, ...)
+            n_classes: int = 10,    # Shapes classes
+            n_per_class: int = 16,  # images per class
+            size: int = 16,         # image side in pixels
+            width: int = 8,         # the small CNN's width
+            epochs: int = 2,        # fine-tuning epochs
+            bs: int = 24,           # global batch size
+            lr: float = 3e-3,       # Adam learning rate
+            seed: int = 0,          # seeds the data, the init and the training
+            backend: str | None = None,  # see `process_group`
+           ) -> dict | None:        # rank 0: what it wrote; other ranks: None
     "Fine-tune on Shapes and extract alphas on every rank of a `torchrun` job; rank 0 writes `out` and returns its content."
     from niwt_nb.models import ModelConfig, build_model
     from niwt_nb.shapes import ShapesConfig, make_shapes
@@ -316,7 +329,8 @@ def ddp_job(out, n_classes: int = 10, n_per_class: int = 16, size: int = 16, wid
     atomic_torch_save(obj, Path(out))
     return obj
 
-def main(argv=None):
+def main(argv=None,  # command-line arguments (None: `sys.argv[1:]`)
+        ):
     "Command line of `ddp_job` (run it with torchrun)."
     p = argparse.ArgumentParser(prog="python -m niwt_nb.distributed", description=ddp_job.__doc__)
     p.add_argument("--out", required=True)
@@ -325,7 +339,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     ddp_job(a.out, a.n_classes, a.n_per_class, a.size, a.width, a.epochs, a.bs, a.lr, a.seed, a.backend)
 
-def launch(nproc: int, out, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def launch(nproc: int,            # processes on this machine
+           out,                   # the file `ddp_job` writes
+           timeout: float = 300,  # seconds before the job is killed
+           **kw,                  # further `ddp_job` arguments (e.g. epochs=3)
+          ) -> subprocess.CompletedProcess:
     "Run `ddp_job` on `nproc` local processes with torchrun (`--standalone`); raises with the workers' output if it fails."
     if not isinstance(nproc, int) or nproc < 1: raise input_error("nproc", f"expected a positive int, got {nproc!r}", "pass e.g. nproc=2")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "niwt_nb.distributed",

@@ -11,11 +11,13 @@ from torch import nn
 from .core import input_error, check_tensor, eval_mode
 
 # %% auto #0
-__all__ = ['frozen', 'head_jacobian', 'all_class_importances', 'target_importances', 'to_channels_last', 'to_device']
+__all__ = ['frozen', 'score_grads', 'head_jacobian', 'all_class_importances', 'target_importances', 'to_channels_last',
+           'to_device']
 
 # %% ../nbs/05a_engine.ipynb #6163b780
 @contextlib.contextmanager
-def frozen(model: nn.Module):
+def frozen(model: nn.Module,  # the network to freeze while the block runs
+          ):
     "Context manager: eval mode and `requires_grad=False` on every parameter; modes and flags restored on exit."
     if not isinstance(model, nn.Module): raise input_error("model", f"expected an nn.Module, got {type(model).__name__}", "pass the network")
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -112,44 +114,78 @@ def _fold_convs(head: nn.Module, A_eps: torch.Tensor, A: torch.Tensor, eps: torc
 def _chunk_size(per_dir_bytes: float, chunk_mb: float) -> int:
     return max(1, int(chunk_mb * 2**20 // max(per_dir_bytes, 1)))
 
-def _head_grads(model, A, make_dirs, n: int, chunk_mb: float, reduce: str, fold: bool = True,
-                backend: str | None = None) -> torch.Tensor:
-    "Importances `(B, n, K)` float32 along `n` directions of `features`, for activations `A (B,K,h,w)` without a graph."
+_BACKENDS = ("autograd", "func")
+
+def score_grads(model: nn.Module,            # the network: `model.features(A) -> f (B, D)` (a `NIWTNet` or the same interface), in the mode to use (e.g. inside `frozen(model)`)
+                A: torch.Tensor,             # activations `(B, K, h, w)` at the importance layer (any graph they carry is dropped)
+                dirs,                        # directions of `f` to score: `(B, D)` one per image, `(n, B, D)`, or a function `(j0, j1) -> (j1 - j0, B, D)`
+                n: int | None = None,        # how many directions the function `dirs` makes (ignored for tensors)
+                reduce: str = "sum",         # over space: 'sum' (the paper's importances) or 'mean' (Grad-CAM's channel weights)
+                create_graph: bool = False,  # keep the graph of the result, differentiable in `dirs` (and unfrozen weights); `(B, D)` dirs only
+                chunk_mb: float = 256,       # memory budget of one batched backward over several directions
+                fold: bool = False,          # fold the head's first convolutions into the offset (same numbers up to rounding, faster for many directions)
+                backend: str | None = None,  # 'autograd' or 'func' (`torch.func.vmap` over a vjp); None: 'func' on CUDA for a batch of directions
+               ) -> torch.Tensor:            # `(B, K)` in A's float precision for `(B, D)` dirs; else `(B, n, K)` float32
+    """The importance gradient, the one implementation every importance in niwt_nb comes from: the gradient of the scores
+    `dirs[b] . model.features(A)[b]` w.r.t. `A`, summed (or averaged) over space, by differentiating w.r.t. a spatial offset."""
+    if not isinstance(A, torch.Tensor) or A.ndim != 4:
+        raise input_error("A", f"expected activations (B,K,h,w), got {getattr(A, 'shape', type(A).__name__)}", "pass model.acts(x)")
+    if reduce not in ("sum", "mean"): raise input_error("reduce", f"expected 'sum' or 'mean', got {reduce!r}", "pass reduce='sum'")
+    if backend is not None and backend not in _BACKENDS: raise input_error("backend", f"expected one of {_BACKENDS} or None, got {backend!r}", "pass backend=None")
     B, K = A.shape[:2]
-    A = A.detach()
-    backend = backend or ("func" if A.device.type == "cuda" else "autograd")
-    head = getattr(model, "head", None) if fold else None
-    sizes = [A[0].numel() * A.element_size()]
-    def note(m, inp, out):
-        if isinstance(out, torch.Tensor) and out.ndim >= 1 and out.shape[0] == B: sizes.append(out[0].numel() * out.element_size())
-    hooks = [m.register_forward_hook(note) for m in getattr(model, "head", nn.Identity()).modules()]
-    def h(eps):                                                                 # eps (B, K) -> f (B, D)
-        A_eps = A + eps[:, :, None, None]
-        with (_fold_convs(head, A_eps, A, eps) if head is not None else contextlib.nullcontext()):
-            return model.features(A_eps)
-    eps = torch.zeros(B, K, device=A.device)                                    # spatial offsets, at 0
-    try:
-        if backend == "func": f, vjp_fn = torch.func.vjp(h, eps)
-        else: eps.requires_grad_(True); f = h(eps)
-    finally:
-        for hk in hooks: hk.remove()
-    def batched(go):                                                            # (c, B, D) -> (c, B, K)
-        if backend == "func": return torch.func.vmap(vjp_fn)(go)[0]
-        if len(go) == 1: return torch.autograd.grad(f, eps, go[0], retain_graph=True)[0][None]
-        return torch.autograd.grad(f, eps, go, retain_graph=True, is_grads_batched=True)[0]
-    def one_by_one(go):
-        if backend == "func": return torch.stack([vjp_fn(o)[0] for o in go])
-        return torch.stack([torch.autograd.grad(f, eps, o, retain_graph=True)[0] for o in go])
-    chunk = _chunk_size(B * (K * 4 + 2 * max(sizes)), chunk_mb)                # bytes held by one direction
-    scale = 1.0 if reduce == "sum" else 1.0 / (A.shape[2] * A.shape[3])
-    out = torch.empty(B, n, K, device=A.device)                                 # (B, n, K)
-    for j0 in range(0, n, chunk):
-        j1 = min(n, j0 + chunk)
-        go = make_dirs(j0, j1).to(device=f.device, dtype=f.dtype)             # (c, B, D)
-        try: g = batched(go)
-        except torch.OutOfMemoryError: raise
-        except RuntimeError: g = one_by_one(go)                                 # an op without a batching rule
-        out[:, j0:j1] = g.float().transpose(0, 1) * scale
+    single = isinstance(dirs, torch.Tensor) and dirs.ndim == 2
+    if isinstance(dirs, torch.Tensor):
+        if dirs.ndim not in (2, 3) or dirs.shape[-2] != B:
+            raise input_error("dirs", f"expected (B={B}, D) or (n, B={B}, D) directions, got shape {tuple(dirs.shape)}", "pass one direction per image")
+        n, stack = (1, dirs[None]) if single else (len(dirs), dirs)
+        make_dirs = lambda j0, j1: stack[j0:j1]
+    elif callable(dirs):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise input_error("n", f"expected the number of directions dirs(j0, j1) makes, got {n!r}", "pass n= with a function dirs")
+        make_dirs = dirs
+    else: raise input_error("dirs", f"expected a tensor or a function (j0, j1) -> directions, got {type(dirs).__name__}", "pass W[targets] (B, D)")
+    if create_graph and not single:
+        raise input_error("create_graph", "is only supported for one direction per image", "pass dirs of shape (B, D)")
+    backend = backend or ("func" if A.device.type == "cuda" and not single else "autograd")
+    hw = A.shape[2] * A.shape[3]
+    with torch.inference_mode(False), torch.enable_grad():
+        A = A.detach()
+        if A.is_inference(): A = A.clone()
+        head = getattr(model, "head", None) if fold else None
+        sizes = [A[0].numel() * A.element_size() if B else 0]
+        def note(m, inp, out):
+            if isinstance(out, torch.Tensor) and out.ndim >= 1 and out.shape[0] == B: sizes.append(out[0].numel() * out.element_size())
+        hooks = [] if single else [m.register_forward_hook(note) for m in getattr(model, "head", nn.Identity()).modules()]
+        def h(eps):                                                             # eps (B, K) -> f (B, D)
+            A_eps = A + eps[:, :, None, None]
+            with (_fold_convs(head, A_eps, A, eps) if head is not None else contextlib.nullcontext()):
+                return model.features(A_eps)
+        eps = torch.zeros(B, K, device=A.device, dtype=torch.promote_types(A.dtype, torch.float32))  # spatial offsets, at 0
+        try:
+            if backend == "func": f, vjp_fn = torch.func.vjp(h, eps)
+            else: eps.requires_grad_(True); f = h(eps)
+        finally:
+            for hk in hooks: hk.remove()
+        def batched(go):                                                        # (c, B, D) -> (c, B, K)
+            if backend == "func": return torch.func.vmap(vjp_fn)(go)[0]
+            if len(go) == 1: return torch.autograd.grad(f, eps, go[0], retain_graph=True, create_graph=create_graph)[0][None]
+            return torch.autograd.grad(f, eps, go, retain_graph=True, is_grads_batched=True)[0]
+        def one_by_one(go):
+            if backend == "func": return torch.stack([vjp_fn(o)[0] for o in go])
+            return torch.stack([torch.autograd.grad(f, eps, o, retain_graph=True)[0] for o in go])
+        if single:                                                              # one backward pass: (B, K)
+            g = batched(make_dirs(0, 1).to(device=f.device, dtype=f.dtype))[0]
+            return g if reduce == "sum" else g / hw
+        chunk = _chunk_size(B * (K * 4 + 2 * max(sizes)), chunk_mb)            # bytes held by one direction
+        out = torch.empty(B, n, K, device=A.device)                             # (B, n, K)
+        for j0 in range(0, n, chunk):
+            j1 = min(n, j0 + chunk)
+            go = make_dirs(j0, j1).to(device=f.device, dtype=f.dtype)         # (c, B, D)
+            try: g = batched(go)
+            except torch.OutOfMemoryError: raise
+            except RuntimeError: g = one_by_one(go)                             # an op without a batching rule
+            g = g.float().transpose(0, 1)
+            out[:, j0:j1] = g if reduce == "sum" else g / hw
     return out
 
 # %% ../nbs/05a_engine.ipynb #3a4b264c
@@ -191,7 +227,12 @@ def _jacobian_one_pass(conv, rest, A: torch.Tensor):
     M = _const_response(conv, A.shape[-2:], z.shape[-2:]).view(A.shape[1], O, -1)   # (K, O, h'w')
     return torch.einsum("bop,kop->bok", g.reshape(B, O, -1).float(), M.float())    # (B, D, K)
 
-def head_jacobian(model: nn.Module, A: torch.Tensor, reduce: str = "sum", chunk_mb: float = 256, fast: bool = True) -> torch.Tensor:
+def head_jacobian(model: nn.Module,     # the network (`features`, `fc`, maybe `head`), frozen during the call
+                  A: torch.Tensor,      # activations `(B, K, h, w)` at the importance layer
+                  reduce: str = "sum",  # over space: 'sum' or 'mean'
+                  chunk_mb: float = 256,  # memory budget of one batched backward (the general route)
+                  fast: bool = True,    # one backward pass when the head allows it (verified once per head)
+                 ) -> torch.Tensor:     # `G (B, D, K)`
     """Importances of every feature direction `(B, D, K)` for activations `A (B,K,h,w)` of a frozen `model`:
     `G[b] @ ...`: the importances of weights `w (D,)` on image `b` are `G[b].T @ w`. One backward pass when the head is a
     convolution followed by channel-wise operations (`fast=True`, verified once per head), else `D` batched ones."""
@@ -209,20 +250,28 @@ def head_jacobian(model: nn.Module, A: torch.Tensor, reduce: str = "sum", chunk_
         with torch.no_grad(): D = model.features(A[:1]).shape[1]
         if G is not None and not _VERIFIED.get(model.head, False):        # once per head: against the batched backward
             v = torch.randn(D, generator=torch.Generator().manual_seed(0)).to(dev)
-            ref = _head_grads(model, A[:2], lambda j0, j1: v[None, None].expand(1, len(A[:2]), D), 1, chunk_mb, "sum")[:, 0]
+            ref = score_grads(model, A[:2], lambda j0, j1: v[None, None].expand(1, len(A[:2]), D), 1, chunk_mb=chunk_mb, fold=True)[:, 0]
             if not torch.allclose(torch.einsum("bdk,d->bk", G[:2], v), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-8):
                 G = None                                                          # not what it seemed: the general route
             else: _VERIFIED[model.head] = True
         if G is None:
             eye = torch.eye(D, device=dev)
-            G = _head_grads(model, A, lambda j0, j1: eye[j0:j1, None].expand(j1 - j0, B, D), D, chunk_mb, "sum")   # (B, D, K)
+            G = score_grads(model, A, lambda j0, j1: eye[j0:j1, None].expand(j1 - j0, B, D), D, chunk_mb=chunk_mb, fold=True)   # (B, D, K)
     return G / (A.shape[2] * A.shape[3]) if reduce == "mean" else G
 
 # %% ../nbs/05a_engine.ipynb #11e78155
-def all_class_importances(model: nn.Module, x: torch.Tensor | None = None, classes=None, W: torch.Tensor | None = None,
-                          b: torch.Tensor | None = None, reduce: str = "sum", chunk_mb: float = 256,
-                          method: str = "auto", precision: str = "fp32", fold: bool = True,
-                          A: torch.Tensor | None = None) -> torch.Tensor:
+def all_class_importances(model: nn.Module,               # the network (`acts`, `features`, `fc`), frozen during the call
+                          x: torch.Tensor | None = None,   # images `(B, 3, H, W)` (or pass their activations `A=`)
+                          classes=None,                    # None: every row; `C` rows shared by all images; or `(B, T)` rows per image
+                          W: torch.Tensor | None = None,   # other classifier rows `(C_all, D)` (None: `model.fc.weight`)
+                          b: torch.Tensor | None = None,   # their biases `(C_all,)` (only checked); needs `W`
+                          reduce: str = "sum",             # over space: 'sum' (the paper) or 'mean' (Grad-CAM)
+                          chunk_mb: float = 256,           # memory budget of one batched backward
+                          method: str = "auto",            # 'vjp' (batched over classes), 'jacobian' (over features) or 'auto' (the cheaper)
+                          precision: str = "fp32",         # 'bf16' autocasts the network to bfloat16 (for GPUs)
+                          fold: bool = True,               # fold the head's first convolutions (same numbers up to rounding, faster)
+                          A: torch.Tensor | None = None,   # activations `(B, K, h, w)` instead of images: only the head runs
+                         ) -> torch.Tensor:                # `(B, C, K)`, or `(B, T, K)`, on `x`'s (`A`'s) device
     """Importances `(B, C, K)` of images `x (B,3,H,W)` for every row of the classifier (`classes=None`), for a list of
     `C` rows shared by all images, or `(B, T, K)` for `(B, T)` rows per image. Rows index `model.fc` or `W (C_all, D)`.
     One forward pass; backward passes batched over classes (`method` 'vjp') or features ('jacobian'), chunked to
@@ -263,7 +312,7 @@ def all_class_importances(model: nn.Module, x: torch.Tensor | None = None, class
                 if method == "vjp":
                     if per_image: dirs = lambda j0, j1: Wd[idx_d[:, j0:j1]].transpose(0, 1)  # (c, B, D)
                     else: dirs = lambda j0, j1: Wd[idx_d[j0:j1]][:, None].expand(j1 - j0, B, D)
-                    a = _head_grads(model, A, dirs, n, chunk_mb, reduce, fold)       # (B, n, K)
+                    a = score_grads(model, A, dirs, n, reduce, chunk_mb=chunk_mb, fold=fold)  # (B, n, K)
                 else:
                     G = head_jacobian(model, A, reduce, chunk_mb, fast=fold)                # (B, D, K)
                     Wc = Wd.float()[idx_d]                                           # (C, D) or (B, T, D)
@@ -271,9 +320,16 @@ def all_class_importances(model: nn.Module, x: torch.Tensor | None = None, class
     return a.to(out_dev)
 
 # %% ../nbs/05a_engine.ipynb #93355d6c
-def target_importances(model: nn.Module, x: torch.Tensor | None = None, targets=None, W: torch.Tensor | None = None,
-                       b: torch.Tensor | None = None, reduce: str = "sum", precision: str = "fp32", fold: bool = True,
-                       A: torch.Tensor | None = None) -> torch.Tensor:
+def target_importances(model: nn.Module,               # the network, frozen during the call
+                       x: torch.Tensor | None = None,   # images `(B, 3, H, W)` (or pass their activations `A=`)
+                       targets=None,                    # the row to explain: an int for every image, or one per image
+                       W: torch.Tensor | None = None,   # other classifier rows `(C, D)` (None: `model.fc.weight`)
+                       b: torch.Tensor | None = None,   # their biases `(C,)` (only checked); needs `W`
+                       reduce: str = "sum",             # over space: 'sum' or 'mean'
+                       precision: str = "fp32",         # 'bf16' autocasts the network to bfloat16 (for GPUs)
+                       fold: bool = True,               # fold the head's first convolutions (same numbers up to rounding)
+                       A: torch.Tensor | None = None,   # activations `(B, K, h, w)` instead of images: only the head runs
+                      ) -> torch.Tensor:                # `(B, K)`
     "`(B, K)` importances of each image's `targets` row (an int, or one row per image) on a frozen network, from images `x` or their activations `A=`."
     src = x if A is None else A
     if not isinstance(src, torch.Tensor) or src.ndim != 4:
@@ -290,12 +346,17 @@ def target_importances(model: nn.Module, x: torch.Tensor | None = None, targets=
     return all_class_importances(model, x, t[:, None], W, b, reduce, method="vjp", precision=precision, fold=fold, A=A)[:, 0]
 
 # %% ../nbs/05a_engine.ipynb #002c6b91
-def to_channels_last(model: nn.Module) -> nn.Module:
+def to_channels_last(model: nn.Module,  # the network, converted in place
+                    ) -> nn.Module:      # the same `model`
     "Convert `model`'s 4-D parameters and buffers to channels-last memory format (in place; values unchanged)."
     if not isinstance(model, nn.Module): raise input_error("model", f"expected an nn.Module, got {type(model).__name__}", "pass the network")
     return model.to(memory_format=torch.channels_last)
 
-def to_device(batches, device, channels_last: bool | None = None, prefetch: int = 2):
+def to_device(batches,                      # an iterable of `(x, *rest)` batches
+              device,                       # where `x` goes
+              channels_last: bool | None = None,  # convert 4-D `x` to channels-last (None: on CUDA only)
+              prefetch: int = 2,            # CUDA: how many batches a background thread copies ahead
+             ):
     """Iterate `(x, *rest)` batches moved to `device`: on CUDA `x` is pinned and copied with `non_blocking=True` by a
     background thread `prefetch` batches ahead, and converted to channels-last (`channels_last=None`: on CUDA only).
     On a CPU device the batches pass through unchanged unless `channels_last=True`."""

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from .core import input_error, check_tensor, eval_mode
-from .models import NIWTNet, SquareResize, _check_model, _check_acts
-from .importance import importances, importances_from_acts, _classifier, _targets
+from .models import NIWTNet, SquareResize, check_model, check_acts
+from .importance import importances, importances_from_acts, classifier_of, class_targets
 from .semantic import _tokens
+# module-local names until this notebook's other cells call the public ones (check_model, check_acts, classifier_of, class_targets)
+_check_model, _check_acts, _classifier, _targets = check_model, check_acts, classifier_of, class_targets
 
 # %% auto #0
 __all__ = ['CUB_PART_GROUPS', 'gradcam_from_acts', 'gradcam', 'overlay', 'plot_gradcam', 'boxes_to_masks', 'pointing_game',

@@ -182,10 +182,10 @@ def make_fake_xlsa17_features(xlsa17_dir,                  # the folder to write
 class FeatureModelConfig(Config):
     "A `FeatureNet`: input size K, MLP head sizes, dropout, init seed."
     in_features: int = 2048     # K: feature size (2048 for xlsa17 res101)
-    hidden: int = 1024
+    hidden: int = 1024          # width of the MLP head's hidden layer
     out_features: int = 512     # D: classifier input size
-    dropout: float = 0.2
-    seed: int = 0
+    dropout: float = 0.2        # dropout after the hidden layer (training only)
+    seed: int = 0               # seeds the random init without touching the global RNG
     backbone: str = "res101_features"   # recorded name
 
     def __post_init__(self):
@@ -193,6 +193,12 @@ class FeatureModelConfig(Config):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise input_error(k, f"expected a positive int, got {v!r}", f"pass e.g. {k}=512")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1): raise input_error("dropout", f"expected a value in [0, 1), got {self.dropout!r}", "pass e.g. dropout=0.2")
+
+    def build(self,
+              n_seen: int,      # number of seen classes: outputs of the new `fc`
+             ) -> "FeatureNet": # see `build_feature_model`
+        "The `FeatureNet` this config describes, for `n_seen` seen classes: `build_feature_model(self, n_seen)`."
+        return build_feature_model(self, n_seen)
 
 class FeatureInput(nn.Module):
     "`(B, K)` or `(B, K, 1, 1)` features -> `A (B, K, 1, 1)`."

@@ -11,15 +11,21 @@ import numpy as np
 import torch
 from torch import nn
 from .core import (Config, input_error, check_tensor, eval_mode, get_device, progress, hash_key, atomic_write_text)
-from .models import (NIWTNet, ActivationCache, SquareResize, iter_batches, seen_columns, _check_data, _check_model,
-                            _check_seen_split, _check_acts, _ANY)
+from .models import (NIWTNet, ActivationCache, SquareResize, iter_batches, seen_columns, check_data, check_model,
+                            check_seen_split, check_acts)
+from .engine import score_grads
 
 # %% auto #0
-__all__ = ['importances_from_acts', 'importances', 'ImportanceConfig', 'extract_alphas', 'plot_alphas']
+__all__ = ['class_targets', 'classifier_of', 'importances_from_acts', 'importances', 'ImportanceConfig', 'extract_alphas',
+           'plot_alphas']
 
 # %% ../nbs/05_importance.ipynb #78907b3a
-def _targets(targets, B: int, C: int, device) -> torch.Tensor:
-    "`targets` (an int or one entry per image) as a `(B,)` long tensor of columns in [0, C)."
+def class_targets(targets,  # the class column to explain: an int for every image, or one per image (list or 1-D tensor)
+                  B: int,   # number of images
+                  C: int,   # number of classifier rows: columns must be in [0, C)
+                  device,   # where the result goes
+                 ) -> torch.Tensor:  # `(B,)` long
+    "`targets` (an int or one entry per image) as a `(B,)` long tensor of columns in [0, C); bad input names `targets`."
     if isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
         t = torch.full((B,), int(targets), dtype=torch.long)
     else:
@@ -34,8 +40,11 @@ def _targets(targets, B: int, C: int, device) -> torch.Tensor:
                           "index the columns of model.fc (seen classes) or of W")
     return t.to(device)
 
-def _classifier(model: NIWTNet, W, b):
-    "The rows `(C, D)` and biases `(C,)` whose scores are explained: `model.fc` unless `W` is given."
+def classifier_of(model: NIWTNet,  # the network: its `fc` is the default classifier
+                  W=None,          # other classifier rows `(C, D)` to explain instead (None: `model.fc.weight`)
+                  b=None,          # their biases `(C,)` (only checked: the bias has no gradient w.r.t. A); needs `W`
+                 ) -> tuple:       # `(W (C, D), b (C,) or None)`
+    "The rows `(C, D)` and biases `(C,)` whose scores are explained: `model.fc` unless `W` is given (then checked against `model.D`)."
     if W is None:
         if b is not None: raise input_error("b", "given without W", "pass W too, or neither")
         return model.fc.weight, model.fc.bias
@@ -45,33 +54,41 @@ def _classifier(model: NIWTNet, W, b):
     return W, b
 
 # %% ../nbs/05_importance.ipynb #2705b19d
-def importances_from_acts(model: NIWTNet, A: torch.Tensor, targets, W: torch.Tensor | None = None,
-                          b: torch.Tensor | None = None, reduce: str = "sum", create_graph: bool = False) -> torch.Tensor:
+def importances_from_acts(model: NIWTNet,                # the network: its head and classifier are used
+                          A: torch.Tensor,                # activations `(B, K, h, w)` at the importance layer (`model.acts(x)`)
+                          targets,                        # the class column to explain: an int, or one per image
+                          W: torch.Tensor | None = None,  # other classifier rows `(C, D)` (None: `model.fc`)
+                          b: torch.Tensor | None = None,  # their biases `(C,)` (only checked); needs `W`
+                          reduce: str = "sum",            # over space: 'sum' (the paper) or 'mean' (Grad-CAM)
+                          create_graph: bool = False,     # keep the result differentiable w.r.t. `W` (and the head's weights)
+                         ) -> torch.Tensor:               # `(B, K)` importances
     "`(B, K)` gradients of the `targets` scores (columns of `model.fc`, or of `W`) w.r.t. activations `A (B,K,h,w)`, summed (or averaged) over space."
-    _check_model(model)
+    check_model(model)
     if reduce not in ("sum", "mean"): raise input_error("reduce", f"expected 'sum' or 'mean', got {reduce!r}", "pass reduce='sum'")
     if not isinstance(A, torch.Tensor) or A.ndim != 4 or A.shape[1] != model.K:
         raise input_error("A", f"expected activations (B,{model.K},h,w), got {getattr(A, 'shape', type(A).__name__)}",
                           "pass model.acts(x)")
-    W, b = _classifier(model, W, b)
+    W, b = classifier_of(model, W, b)
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():  # works inside no_grad/inference_mode too
-        t = _targets(targets, A.shape[0], W.shape[0], A.device)
-        normal = lambda v: v.clone() if v.is_inference() else v
-        A, W = normal(A).detach().requires_grad_(True), normal(W)
-        f = model.features(A)                          # (B, D)
-        score = (f * W.to(f)[t]).sum()                 # sum_b y_b (the bias has no gradient w.r.t. A)
-        g, = torch.autograd.grad(score, A, create_graph=create_graph)  # (B, K, h, w)
-    return g.sum((2, 3)) if reduce == "sum" else g.mean((2, 3))
+        t = class_targets(targets, A.shape[0], W.shape[0], A.device)
+        if W.is_inference(): W = W.clone()
+        return score_grads(model, A, W.to(A.device)[t], reduce=reduce, create_graph=create_graph)  # (B, K): one backward pass
 
-def importances(model: NIWTNet, x: torch.Tensor, targets, W: torch.Tensor | None = None, b: torch.Tensor | None = None,
-                reduce: str = "sum", create_graph: bool = False) -> torch.Tensor:
+def importances(model: NIWTNet,                # the network
+                x: torch.Tensor,               # images `(B, 3, H, W)` on the model's device
+                targets,                       # the class column to explain: an int, or one per image
+                W: torch.Tensor | None = None, # other classifier rows `(C, D)` (None: `model.fc`)
+                b: torch.Tensor | None = None, # their biases `(C,)` (only checked); needs `W`
+                reduce: str = "sum",           # over space: 'sum' (the paper) or 'mean' (Grad-CAM)
+                create_graph: bool = False,    # keep the result differentiable w.r.t. `W` (and the head's weights)
+               ) -> torch.Tensor:              # `(B, K)` importances
     "`(B, K)` neuron importances for images `x (B,3,H,W)`: see `importances_from_acts`. One backward pass per batch."
-    _check_model(model)
+    check_model(model)
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise input_error("x", f"expected images (B,3,H,W), got {getattr(x, 'shape', type(x).__name__)}", "use x[None] for one image")
     dev = next(model.parameters()).device
     if x.device != dev: raise input_error("x", f"is on {x.device} but the model is on {dev}", f"move it with x.to('{dev}')")
-    _targets(targets, x.shape[0], len(_classifier(model, W, b)[0]), dev)  # fail before the forward pass
+    class_targets(targets, x.shape[0], len(classifier_of(model, W, b)[0]), dev)  # fail before the forward pass
     with eval_mode(model):
         with torch.no_grad(): A = model.acts(x)       # (B, K, h, w), no graph through the body
         return importances_from_acts(model, A, targets, W, b, reduce, create_graph)
@@ -80,9 +97,9 @@ def importances(model: NIWTNet, x: torch.Tensor, targets, W: torch.Tensor | None
 @dataclass(frozen=True)
 class ImportanceConfig(Config):
     "How alphas are computed: batch size, spatial reduction ('sum' as in the paper, or 'mean' as in Grad-CAM)."
-    bs: int = 64
-    reduce: str = "sum"
-    num_workers: int = 0
+    bs: int = 64           # images per batch (one forward and one backward pass each)
+    reduce: str = "sum"    # over space: 'sum' (the paper) or 'mean' (Grad-CAM)
+    num_workers: int = 0   # DataLoader workers for image files
     img_size: int | None = None  # resize images to img_size x img_size (use the size the model was trained at)
 
     def __post_init__(self):
@@ -92,18 +109,26 @@ class ImportanceConfig(Config):
         if self.reduce not in ("sum", "mean"): raise input_error("reduce", f"expected 'sum' or 'mean', got {self.reduce!r}", "pass reduce='sum'")
 
 # %% ../nbs/05_importance.ipynb #128f5cc1
-def extract_alphas(model: NIWTNet, data, split: str = "trainval", cfg: ImportanceConfig | None = None, device=None,
-                   out_dir=None, max_memory_mb: float | None = None, acts: ActivationCache | None = None) -> dict:
+def extract_alphas(model: NIWTNet,                      # the fine-tuned network (`n_seen` outputs)
+                   data,                                # a `ZSLData`
+                   split: str = "trainval",             # a split of seen-class images
+                   cfg: ImportanceConfig | None = None, # batch size, reduction, image size; None: `ImportanceConfig()`
+                   device=None,                         # where to compute (None: `get_device()`); the model moves there
+                   out_dir=None,                        # a folder for the memmap when the alphas exceed `max_memory_mb`
+                   max_memory_mb: float | None = None,  # above this the alphas go to a `.npy` memmap in `out_dir` (None: always RAM)
+                   acts: ActivationCache | None = None, # activations of the split computed beforehand: only the head runs
+                  ) -> dict:                            # alphas `(n, K)`, labels, idx, class_ids, class_mean `(n_seen, K)`, counts, path
     "Importances of each seen-class image of `split` for its own class (from cached activations `acts` if given): alphas `(n,K)`, labels, idx, class_ids, class_mean `(n_seen,K)`, counts, path."
     cfg = ImportanceConfig() if cfg is None else cfg
     if not isinstance(cfg, ImportanceConfig): raise input_error("cfg", f"expected an ImportanceConfig, got {type(cfg).__name__}", "pass ImportanceConfig(...)")
-    _check_data(data, [split]); _check_model(model, data)
-    col = seen_columns(data); _check_seen_split(data, split, col)
+    check_data(data, [split]); check_model(model, data)
+    col = seen_columns(data); check_seen_split(data, split, col)
     idx = data.splits[split]; n, K, n_seen = len(idx), model.K, model.n_seen
     if n == 0: raise input_error("split", f"{split!r} has no images", "pick a split with seen-class images")
     dev = get_device(device); model.to(dev)
     if acts is not None:                                               # activations cached beforehand: only the head runs
-        _check_acts(acts, model, _ANY if cfg.img_size is None else cfg.img_size)
+        if cfg.img_size is None: check_acts(acts, model)       # any image size
+        else: check_acts(acts, model, cfg.img_size)
         apos = acts.positions(idx)
     path = tmp = None
     if max_memory_mb is not None and n * K * 4 > max_memory_mb * 2**20:
@@ -149,7 +174,12 @@ def extract_alphas(model: NIWTNet, data, split: str = "trainval", cfg: Importanc
                 counts=counts.long(), path=path)
 
 # %% ../nbs/05_importance.ipynb #b81b4c17
-def plot_alphas(class_mean, class_names=None, n_channels: int = 40, normalize: bool = True, ax=None):
+def plot_alphas(class_mean,             # class-mean alphas `(n_cls, K)`, or an `extract_alphas` result
+                class_names=None,       # one label per row (None: row numbers)
+                n_channels: int = 40,   # how many of the most class-specific channels (highest variance over classes) to show
+                normalize: bool = True, # L2-normalise each row first (NIWT compares alphas by cosine)
+                ax=None,                # a matplotlib Axes to draw into (None: a new figure)
+               ):
     "Heatmap of class-mean alphas `(n_cls, K)` (or an `extract_alphas` result) over the most class-specific channels; returns the Axes."
     import matplotlib.pyplot as plt, seaborn as sns
     if isinstance(class_mean, dict): class_mean = class_mean["class_mean"]

@@ -20,8 +20,9 @@ from .efficientnet import (EfficientNetLite, LITE_PARAMS, LITE_MEAN, LITE_STD, l
 # %% auto #0
 __all__ = ['BACKBONES', 'LAYER_CANDIDATES', 'DEFAULT_LAYERS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CPU_FORWARD_BS', 'TRAIN_MODES',
            'SmallCNN', 'natural_input_size', 'input_norm', 'ModelConfig', 'ImageNorm', 'NIWTNet', 'build_model',
-           'seen_columns', 'SquareResize', 'iter_batches', 'body_fingerprint', 'ActivationCache', 'load_activations',
-           'cache_activations', 'JoinedCache', 'TrainConfig', 'train_seen', 'predict', 'gzsl_logits']
+           'check_data', 'seen_columns', 'SquareResize', 'iter_batches', 'check_model', 'body_fingerprint',
+           'ActivationCache', 'load_activations', 'cache_activations', 'check_acts', 'JoinedCache', 'TrainConfig',
+           'check_seen_split', 'train_inputs', 'fit_epochs', 'train_seen', 'predict', 'gzsl_logits']
 
 # %% ../nbs/04_models.ipynb #c9413b2e
 def _conv_block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
@@ -30,7 +31,9 @@ def _conv_block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
 
 class SmallCNN(nn.Module):
     "A 4-block CNN for small images: `features` (blocks 0-3), global average pool, `fc`."
-    def __init__(self, width: int = 32, num_classes: int = 10):
+    def __init__(self, width: int = 32,      # channels of the first block (then 2x, 4x, 4x)
+                 num_classes: int = 10,   # outputs of `fc`
+                ):
         super().__init__()
         w = width
         self.features = nn.Sequential(_conv_block(3, w), _conv_block(w, 2 * w), _conv_block(2 * w, 4 * w),
@@ -55,13 +58,15 @@ def _check_backbone(backbone) -> str:
                           f"use one of {list(BACKBONES)}")
     return backbone
 
-def natural_input_size(backbone: str) -> int | None:
+def natural_input_size(backbone: str,  # one of `BACKBONES`
+                      ) -> int | None:  # the side in pixels, or None
     "Side in pixels of the square images `backbone`'s ImageNet weights were trained on; `None` for smallcnn (the data's own size)."
     _check_backbone(backbone)
     if backbone == "smallcnn": return None
     return LITE_PARAMS[backbone][2] if backbone in LITE_PARAMS else 224
 
-def input_norm(backbone: str) -> tuple[tuple, tuple]:
+def input_norm(backbone: str,           # one of `BACKBONES`
+              ) -> tuple[tuple, tuple]:  # `(mean, std)`, three values each
     "`(mean, std)` per RGB channel, for images in [0, 1], that `backbone`'s first module applies."
     _check_backbone(backbone)
     return (LITE_MEAN, LITE_STD) if backbone in LITE_PARAMS else (IMAGENET_MEAN, IMAGENET_STD)
@@ -69,7 +74,7 @@ def input_norm(backbone: str) -> tuple[tuple, tuple]:
 @dataclass(frozen=True)
 class ModelConfig(Config):
     "Backbone, importance layer (`None` = the default), weights (`'random'`, `'imagenet'` or a file) and init seed."
-    backbone: str = "smallcnn"
+    backbone: str = "smallcnn"  # one of `BACKBONES`
     layer: str | None = None  # dotted name in the full model; vgg16 also accepts 'conv5_3' style aliases
     weights: str = "random"   # 'random' | 'imagenet' | path of a state_dict saved with torch.save
     width: int = 32           # smallcnn only: channels of the first block
@@ -87,6 +92,12 @@ class ModelConfig(Config):
             raise input_error("width", f"expected a positive int, got {self.width!r}", "pass e.g. width=32")
         if not isinstance(self.linear_head_ok, bool):
             raise input_error("linear_head_ok", f"expected True or False, got {self.linear_head_ok!r}", "pass a bool")
+
+    def build(self,
+              n_seen: int,  # number of seen classes: outputs of the new `fc`
+             ) -> NIWTNet:  # see `build_model`
+        "The `NIWTNet` this config describes, with a new `fc` for `n_seen` seen classes: `build_model(self, n_seen)`."
+        return build_model(self, n_seen)
 
 # %% ../nbs/04_models.ipynb #6539bb28
 def _split(stages: list, name: str):
@@ -113,7 +124,9 @@ def _split_points(stages: list, prefix: str = "") -> list[str]:
 # %% ../nbs/04_models.ipynb #e8be91cd
 class ImageNorm(nn.Module):
     "Accept `uint8` images or floats in [0, 1] and normalise them with `mean`/`std` (ImageNet's by default; see `input_norm`)."
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, mean=IMAGENET_MEAN,  # per-channel mean (R, G, B) of images in [0, 1]
+                 std=IMAGENET_STD,        # per-channel standard deviation
+                ):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -127,8 +140,13 @@ class ImageNorm(nn.Module):
 # %% ../nbs/04_models.ipynb #c52bc257
 class NIWTNet(nn.Module):
     "A CNN cut at its importance layer: `body` (image -> A), `head` (A -> f), `fc` (f -> seen-class logits)."
-    def __init__(self, body: nn.Module, head: nn.Module, fc: nn.Linear, layer: str, backbone: str = "",
-                 weights_desc: str = ""):
+    def __init__(self, body: nn.Module,    # images -> activations `A (B, K, h, w)` at the importance layer
+                 head: nn.Module,          # `A` -> classifier input `f (B, D)`
+                 fc: nn.Linear,            # `f` -> seen-class logits
+                 layer: str,               # the importance layer's dotted name in the full backbone
+                 backbone: str = "",       # the backbone's name (recorded)
+                 weights_desc: str = "",   # where the weights came from (recorded)
+                ):
         super().__init__()
         self.body, self.head, self.fc = body, head, fc
         self.layer, self.backbone, self.weights_desc = layer, backbone, weights_desc
@@ -137,14 +155,16 @@ class NIWTNet(nn.Module):
     @property
     def n_seen(self) -> int: return self.fc.out_features
 
-    def acts(self, x: torch.Tensor) -> torch.Tensor:
+    def acts(self, x: torch.Tensor,  # images `(B, 3, H, W)`, uint8 or float in [0, 1]
+            ) -> torch.Tensor:       # `A (B, K, h, w)`
         "Activations `A (B,K,h,w)` of the importance layer for images `x (B,3,H,W)` (uint8 or float in [0,1])."
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             raise input_error("x", f"expected images of shape (B,3,H,W), got {getattr(x, 'shape', type(x).__name__)}",
                               "pass a batch of RGB images (use x[None] for a single image)")
         return self.body(x)
 
-    def features(self, A: torch.Tensor) -> torch.Tensor:
+    def features(self, A: torch.Tensor,  # activations `(B, K, h, w)`
+                ) -> torch.Tensor:       # `f (B, D)`
         "Classifier input `f (B,D)` from activations `A (B,K,h,w)`."
         if not isinstance(A, torch.Tensor) or A.ndim != 4 or (self.K is not None and A.shape[1] != self.K):
             raise input_error("A", f"expected activations (B,{self.K},h,w), got {getattr(A, 'shape', type(A).__name__)}",
@@ -294,7 +314,9 @@ def _imagenet_state_dict(cfg: ModelConfig) -> tuple[dict, str]:
                           f"ModelConfig('efficientnet_lite0', weights='imagenet')), or download {w.url} elsewhere and pass its local path as weights=") from e
     return sd, f"torchvision {w} (ImageNet-1k)"
 
-def build_model(cfg: ModelConfig, n_seen: int) -> NIWTNet:
+def build_model(cfg: ModelConfig,  # backbone, layer, weights, width, seed
+                n_seen: int,       # number of seen classes: outputs of the new `fc`
+               ) -> NIWTNet:
     "Build the `NIWTNet` described by `cfg` with a new `fc` for `n_seen` seen classes."
     if not isinstance(cfg, ModelConfig): raise input_error("cfg", f"expected a ModelConfig, got {type(cfg).__name__}", "pass ModelConfig(...)")
     if not isinstance(n_seen, int) or isinstance(n_seen, bool) or n_seen < 1:
@@ -356,7 +378,10 @@ def build_model(cfg: ModelConfig, n_seen: int) -> NIWTNet:
     return net
 
 # %% ../nbs/04_models.ipynb #e1b52f89
-def _check_data(data, splits=()):
+def check_data(data,         # the dataset: a `ZSLData` (or anything with labels, splits, seen and images)
+               splits=(),    # split names that must exist in `data.splits`
+              ):
+    "Raise, naming the argument, unless `data` has the `ZSLData` fields and every split of `splits`."
     for a in ("labels", "splits", "seen", "images"):
         if not hasattr(data, a):
             raise input_error("data", f"has no attribute {a!r}", "pass a niwt_nb.data.ZSLData")
@@ -367,17 +392,18 @@ def _check_data(data, splits=()):
 def _split_idx(data, split) -> torch.Tensor:
     "Image indices `(n,)` of `split`: a name in `data.splits` or a 1-D tensor / list of image indices."
     if isinstance(split, str):
-        _check_data(data, [split]); return data.splits[split]
-    _check_data(data)
+        check_data(data, [split]); return data.splits[split]
+    check_data(data)
     idx = check_tensor(torch.as_tensor(split) if isinstance(split, (list, tuple)) else split, "split", (None,), dtype="long")
     if len(idx) and (idx.min() < 0 or idx.max() >= len(data.labels)):
         raise input_error("split", f"image indices must be in [0, {len(data.labels)}), got [{idx.min().item()}, {idx.max().item()}]",
                           "pass indices of data.images")
     return idx
 
-def seen_columns(data) -> torch.Tensor:
+def seen_columns(data,           # a `ZSLData`
+                ) -> torch.Tensor:  # `(n_cls,)` long
     "`(n_cls,)` long: the column of each class id in the seen classifier (`data.seen[j]` -> `j`), -1 for unseen ones."
-    _check_data(data)
+    check_data(data)
     n_cls = len(data.classes) if hasattr(data, "classes") else int(max(data.labels.max(), data.seen.max())) + 1
     col = torch.full((n_cls,), -1, dtype=torch.long)
     col[data.seen] = torch.arange(len(data.seen))
@@ -385,7 +411,8 @@ def seen_columns(data) -> torch.Tensor:
 
 class SquareResize:
     "Resize images `(3,H,W)` or `(B,3,H,W)` (uint8 or float in [0,1]) to float `size x size` (bilinear, antialiased)."
-    def __init__(self, size: int):
+    def __init__(self, size: int,  # the side in pixels
+                ):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise input_error("img_size", f"expected a positive int, got {size!r}", "pass e.g. img_size=224")
         self.size = size
@@ -397,8 +424,14 @@ class SquareResize:
         return b[0] if x.ndim == 3 else b
     def __repr__(self): return f"SquareResize({self.size})"
 
-def iter_batches(data, split, bs: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                 num_workers: int = 0, img_size: int | None = None):
+def iter_batches(data,                   # a `ZSLData`
+                 split,                  # a split name or image indices (1-D tensor or list)
+                 bs: int,                # images per batch
+                 shuffle: bool = False,  # a random order (drawn from `generator`)
+                 generator: torch.Generator | None = None,  # the random stream of the order
+                 num_workers: int = 0,   # DataLoader workers for image files
+                 img_size: int | None = None,  # resize to `img_size x img_size` (None: as stored)
+                ):
     "Iterator of `(x (B,3,H,W), y (B,) class ids, idx (B,) image indices)` over `split` (a name or image indices), resized to `img_size` if given."
     idx = _split_idx(data, split)
     if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1: raise input_error("bs", f"expected a positive int, got {bs!r}", "pass e.g. bs=64")
@@ -428,7 +461,10 @@ def iter_batches(data, split, bs: int, shuffle: bool = False, generator: torch.G
     return gen()
 
 # %% ../nbs/04_models.ipynb #f5a12731
-def _check_model(model, data=None):
+def check_model(model,      # the network: must be a `NIWTNet`
+                data=None,  # a `ZSLData` whose seen classes the model's outputs must match (None: not checked)
+               ):
+    "Raise, naming the argument, unless `model` is a `NIWTNet` (with one output per seen class of `data`, if given)."
     if not isinstance(model, NIWTNet): raise input_error("model", f"expected a NIWTNet, got {type(model).__name__}", "build it with build_model")
     if data is not None and model.n_seen != len(data.seen):
         raise input_error("model", f"has {model.n_seen} outputs but data has {len(data.seen)} seen classes",
@@ -444,9 +480,10 @@ def _digest(named, h=None):
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h
 
-def body_fingerprint(model: NIWTNet) -> str:
+def body_fingerprint(model: NIWTNet,  # the network whose body is fingerprinted
+                    ) -> str:
     "16 hex digits identifying what `model.acts` computes: backbone, layer, input normalisation and every body tensor."
-    _check_model(model)
+    check_model(model)
     named = sorted([*model.body.named_parameters(), *model.body.named_buffers()], key=lambda kv: kv[0])
     return _digest(named, hashlib.sha256(json.dumps([model.backbone, model.layer]).encode())).hexdigest()[:16]
 
@@ -477,7 +514,11 @@ class ActivationCache:
     """Activations `A (n, K, h, w)` of a frozen body for the images `idx`, then those of the horizontally flipped images
     (rows `n .. 2n-1`) when `flip`; held in RAM (a tensor) or on disk (a read-only `.npy` memmap). Build it with
     `cache_activations`, reopen a saved one with `load_activations`."""
-    def __init__(self, store, idx: torch.Tensor, meta: dict, path: Path | None = None):
+    def __init__(self, store,                # the activations: a tensor (RAM) or a numpy memmap (disk), images then flips
+                 idx: torch.Tensor,          # `(n,)` image index of each row
+                 meta: dict,                 # format, shape, dtype, flip, fingerprint, backbone, layer, img_size, ...
+                 path: Path | None = None,   # the folder it is saved in (None: not saved)
+                ):
         self.store, self.idx, self.meta, self.path = store, idx, meta, (Path(path) if path is not None else None)
         self._pos = torch.full((int(idx.max()) + 1 if len(idx) else 0,), -1, dtype=torch.long)
         self._pos[idx] = torch.arange(len(idx))
@@ -507,11 +548,13 @@ class ActivationCache:
         pos[inside] = self._pos[ii[inside]]
         return pos
 
-    def has(self, image_idx) -> bool:
+    def has(self, image_idx,  # image indices (1-D)
+           ) -> bool:
         "Whether every image index of `image_idx` is cached."
         return bool((self._lookup(image_idx) >= 0).all())
 
-    def positions(self, image_idx) -> torch.Tensor:
+    def positions(self, image_idx,  # image indices (1-D)
+                 ) -> torch.Tensor:  # `(B,)` long
         "Positions `(B,)` in the cache of the images `image_idx` (image indices); raises naming the images not cached."
         pos = self._lookup(image_idx)
         if (pos < 0).any():
@@ -520,7 +563,10 @@ class ActivationCache:
                               "cache every image you use: cache_activations(model, data, split_or_indices, ...)")
         return pos
 
-    def gather(self, pos, device=None, flipped=None) -> torch.Tensor:
+    def gather(self, pos,       # positions `(B,)` in the cache (see `positions`)
+               device=None,     # where the result goes (None: CPU)
+               flipped=None,    # `(B,)` bool: take the flipped image where True (None: no flips)
+              ) -> torch.Tensor:  # `(B, K, h, w)` float32
         "`(B, K, h, w)` float32 activations at positions `pos` on `device` (CPU by default); flipped images where `flipped (B,)` is True."
         pos = torch.as_tensor(pos).long().cpu()
         if flipped is not None:
@@ -533,7 +579,8 @@ class ActivationCache:
         A = self.store[pos] if self.in_memory else torch.from_numpy(self.store[pos.numpy()])  # a memmap reads only these rows
         return A.to("cpu" if device is None else device).float()
 
-    def save(self, path) -> Path:
+    def save(self, path,  # the folder to write (replaced atomically)
+            ) -> Path:
         "Write the cache to the folder `path` atomically; returns `path`. A cache already backed by `path` is left as is."
         path = Path(path)
         if self.path is not None and path.exists() and path.resolve() == self.path.resolve(): return path
@@ -546,7 +593,9 @@ class ActivationCache:
             shutil.rmtree(tmp, ignore_errors=True); raise
         return path
 
-def load_activations(path, budget_mb: float = 2048) -> ActivationCache:
+def load_activations(path,                     # the folder a cache was saved in
+                     budget_mb: float = 2048,  # read into RAM up to this size, else memory-map the file
+                    ) -> ActivationCache:
     "The cache saved in the folder `path`: read into RAM when it fits in `budget_mb`, else a read-only memmap of its file."
     p = Path(path)
     if not (p / "meta.json").is_file():
@@ -573,13 +622,22 @@ def _body_acts(model, xb, dev):
     return torch.cat([model.acts(xb[i:i + CPU_FORWARD_BS]) for i in range(0, len(xb), CPU_FORWARD_BS)])
 
 @torch.no_grad()
-def cache_activations(model: NIWTNet, data, idx="trainval", dtype="float16", budget_mb: float = 2048, path=None,
-                      flip: bool = False, img_size: int | None = None, bs: int = 64, device=None,
-                      num_workers: int = 0) -> ActivationCache:
+def cache_activations(model: NIWTNet,            # the network whose (frozen, eval-mode) body computes the activations
+                      data,                      # a `ZSLData`
+                      idx="trainval",            # a split name or image indices
+                      dtype="float16",           # storage: 'float16' (half the bytes) or 'float32' (exact)
+                      budget_mb: float = 2048,   # RAM budget; above it the activations stream into a memmap in `path`
+                      path=None,                 # a folder to save the cache in (needed above `budget_mb`)
+                      flip: bool = False,        # also cache the horizontally flipped images (for augmentation)
+                      img_size: int | None = None,  # resize images to `img_size x img_size` first
+                      bs: int = 64,              # images per forward pass
+                      device=None,               # where to compute (None: `get_device()`)
+                      num_workers: int = 0,      # DataLoader workers for image files
+                     ) -> ActivationCache:
     """Activations of `model.body` (eval mode) for the images `idx` (a split name or image indices), and of their
     horizontal flips if `flip`, stored in `dtype` ('float16' or 'float32'): in RAM below `budget_mb`, else streamed into
     a memmap in the folder `path`. Given `path`, the cache is (also) saved there."""
-    _check_model(model)
+    check_model(model)
     ids = _split_idx(data, idx)
     if len(ids) == 0: raise input_error("idx", "has no images", "pass a non-empty split or index tensor")
     if len(torch.unique(ids)) != len(ids): raise input_error("idx", "has repeated image indices", "pass each image once")
@@ -625,7 +683,10 @@ def cache_activations(model: NIWTNet, data, idx="trainval", dtype="float16", bud
         if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-def _check_acts(acts, model, img_size=_ANY):
+def check_acts(acts: ActivationCache,  # the cached activations to use with `model`
+               model: NIWTNet,         # the network whose body must have computed them
+               img_size=_ANY,          # the image size they must have been computed at (None: the data's own size); not given: any size
+              ):
     "Refuse a cache computed with another body (or, when `img_size` is given, at another image size)."
     if not isinstance(acts, ActivationCache):
         raise input_error("acts", f"expected an ActivationCache, got {type(acts).__name__}", "build it with cache_activations(model, data, ...)")
@@ -639,7 +700,8 @@ def _check_acts(acts, model, img_size=_ANY):
 # %% ../nbs/04_models.ipynb #7f9d2938
 class JoinedCache(ActivationCache):
     "Several `ActivationCache`s of one body (same fingerprint and activation shape, disjoint images) read as one, without copying."
-    def __init__(self, *caches: ActivationCache):
+    def __init__(self, *caches: ActivationCache,  # caches of one body over disjoint images
+                ):
         if not caches: raise input_error("caches", "is empty", "pass at least one ActivationCache")
         for c in caches:
             if not isinstance(c, ActivationCache):
@@ -658,7 +720,10 @@ class JoinedCache(ActivationCache):
     def nbytes(self) -> int: return sum(c.nbytes for c in self.parts)
     def __repr__(self) -> str: return f"JoinedCache({len(self)} images in {len(self.parts)} parts, A {self.shape} {self.meta['dtype']})"
 
-    def gather(self, pos, device=None, flipped=None) -> torch.Tensor:
+    def gather(self, pos,       # positions `(B,)` (through the parts, in order)
+               device=None,     # where the result goes (None: CPU)
+               flipped=None,    # `(B,)` bool: take the flipped image where True
+              ) -> torch.Tensor:  # `(B, K, h, w)` float32
         "`(B, K, h, w)` float32 activations at positions `pos` (through the parts in order), each read from its own part."
         pos = torch.as_tensor(pos).long().cpu()
         if ((pos < 0) | (pos >= len(self))).any(): raise input_error("pos", f"holds positions outside 0..{len(self) - 1}", "use positions(image_idx)")
@@ -669,7 +734,8 @@ class JoinedCache(ActivationCache):
             if m.any(): out[m.to(out.device)] = c.gather(pos[m] - lo, device, None if flipped is None else flipped[m])
         return out
 
-    def save(self, path) -> Path: raise input_error("path", "a JoinedCache is a view and is not saved", "save its parts (cache.parts)")
+    def save(self, path,  # not used: a view is not saved
+            ) -> Path: raise input_error("path", "a JoinedCache is a view and is not saved", "save its parts (cache.parts)")
 
 # %% ../nbs/04_models.ipynb #1bb5c365
 TRAIN_MODES = ("full", "cached")
@@ -677,17 +743,17 @@ TRAIN_MODES = ("full", "cached")
 @dataclass(frozen=True)
 class TrainConfig(Config):
     "Seen-class fine-tuning: epochs, mode (full or on cached activations), head-only warm-up, optimiser, early stopping, augmentation, seed."
-    epochs: int = 10
+    epochs: int = 10             # upper bound on passes over the training images
     head_epochs: int = 0         # first epochs train head + fc only (body frozen)
     finetune_all: bool = True    # False: the body stays frozen for every epoch
-    lr: float = 1e-3
+    lr: float = 1e-3             # Adam learning rate of head + fc
     body_lr_mult: float = 1.0    # learning rate of the body = lr * body_lr_mult (e.g. 0.1 for pretrained bodies)
-    wd: float = 5e-4
-    bs: int = 64
+    wd: float = 5e-4             # Adam weight decay
+    bs: int = 64                 # images per optimiser step
     patience: int | None = 3     # epochs without val improvement before stopping; None = never stop early
     augment: bool = True         # random horizontal flips
-    seed: int = 0
-    num_workers: int = 0
+    seed: int = 0                # seeds the order, the flips and the dropout masks
+    num_workers: int = 0         # DataLoader workers for image files
     img_size: int | None = None  # resize images to img_size x img_size (needed for files of different sizes)
     mode: str = "full"           # 'full': images through the whole network; 'cached': frozen body, activations computed once
     cache_dtype: str = "float16" # mode='cached': storage precision of the activations ('float32' = exact)
@@ -733,7 +799,11 @@ def _val_acc(model, data, split, bs, col, num_workers=0, img_size=None, acts=Non
             cnt.index_add_(0, y, torch.ones(len(y))); hit.index_add_(0, y, (pred == y).float())
     return (hit[cnt > 0] / cnt[cnt > 0]).mean().item()
 
-def _check_seen_split(data, split, col):
+def check_seen_split(data,                 # a `ZSLData` (labels, splits, seen)
+                     split: str,           # name of the split to check
+                     col: torch.Tensor,    # `(n_cls,)` seen column of each class id, -1 for unseen ones (`seen_columns(data)`)
+                    ):
+    "Raise unless every image of `split` is of a seen class (what the seen classifier can learn from or be scored on)."
     y = col[data.labels[data.splits[split]]]
     if (y < 0).any():
         bad = sorted(set(data.labels[data.splits[split]][y < 0].tolist()))
@@ -741,14 +811,17 @@ def _check_seen_split(data, split, col):
                           "the seen classifier can only use seen-class images (fix data.splits)")
 
 # %% ../nbs/04_models.ipynb #53695138
-def _train_inputs(model, data, cfg):
-    "Validate what fine-tuning needs; return `(cfg, col)` with `col` the seen column of each class id."
+def train_inputs(model: NIWTNet,                 # the network to fine-tune (`n_seen` outputs)
+                 data,                           # a `ZSLData` with a 'train' split of seen-class images (and maybe 'val')
+                 cfg: TrainConfig | None = None, # the fine-tuning settings; None: `TrainConfig()`
+                ) -> tuple:                      # `(cfg, col)`: the config and the seen column of each class id
+    "Validate what fine-tuning needs (model, data, splits of seen classes only, a non-empty 'train'); return `(cfg, col)`."
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig): raise input_error("cfg", f"expected a TrainConfig, got {type(cfg).__name__}", "pass TrainConfig(...)")
-    _check_data(data, ["train"]); _check_model(model, data)
+    check_data(data, ["train"]); check_model(model, data)
     col = seen_columns(data)
-    _check_seen_split(data, "train", col)
-    if "val" in data.splits: _check_seen_split(data, "val", col)
+    check_seen_split(data, "train", col)
+    if "val" in data.splits: check_seen_split(data, "val", col)
     if len(data.splits["train"]) == 0: raise input_error("data", "split 'train' is empty", "check data.splits")
     return cfg, col
 
@@ -789,107 +862,150 @@ def _own_cache(model, data, cfg, dev):
     tmp = tempfile.TemporaryDirectory(prefix="niwt_acts_")
     return cache_activations(model, data, ids, budget_mb=cfg.cache_budget_mb, path=Path(tmp.name) / "acts", **kw), tmp
 
-def train_seen(model: NIWTNet, data, cfg: TrainConfig | None = None, device=None, ckpt_path=None,
-               acts: ActivationCache | None = None):
+def fit_epochs(model: NIWTNet,              # the network: body (frozen in head-only epochs), head and fc
+               cfg: TrainConfig,             # epochs, head_epochs, finetune_all, lr, body_lr_mult, wd and patience
+               run_epoch,                    # `(ep, frozen, opt) -> (loss sum, hits, images)`: one pass over the training batches
+               val_acc,                      # `() -> float`: validation accuracy after an epoch (nan: no val split, the latest epoch is kept)
+               on_epoch_end=None,            # `(ep, state, improved, opt) -> None`, called after each epoch's bookkeeping (e.g. to checkpoint)
+               resume: dict | None = None,   # where to continue: `hist`, `best`, `best_state`, `bad`, `start`, `done` and `optimizer` (its state dict)
+               body_frozen: bool = False,    # freeze the body in every epoch (training on cached activations)
+               show: bool = True,            # show a progress bar
+               desc: str = "fine-tune",      # the progress bar's label
+              ) -> dict:                     # the final state: `hist`, `best`, `best_state`, `bad`, `start`, `done`; `model` holds the best state
+    """The fine-tuning loop shared by `train_seen` (one process) and `distributed.train_seen_ddp`: Adam (the body at
+    `lr * body_lr_mult`), head-only epochs, validation after each epoch, the best state, early stopping."""
+    body_p = list(model.body.parameters()); body_ids = {id(p) for p in body_p}
+    rest_p = [p for p in model.parameters() if id(p) not in body_ids]
+    opt = torch.optim.Adam([{"params": body_p, "lr": cfg.lr * cfg.body_lr_mult}, {"params": rest_p, "lr": cfg.lr}],
+                           weight_decay=cfg.wd)
+    st = dict(hist=dict(epoch=[], phase=[], train_loss=[], train_acc=[], val_acc=[], seconds=[], best_epoch=None, stopped_early=False),
+              best=-1.0, best_state=None, bad=0, start=0, done=False)
+    if resume is not None:
+        st.update({k: v for k, v in resume.items() if k != "optimizer"})
+        if resume.get("optimizer") is not None: opt.load_state_dict(resume["optimizer"])
+    hist, req = st["hist"], [p.requires_grad for p in body_p]
+    epochs = range(st["start"], cfg.epochs)
+    bar = progress(epochs, desc) if show else epochs
+    try:
+        for ep in ([] if st["done"] else bar):
+            t0, frozen = time.time(), body_frozen or ep < cfg.head_epochs or not cfg.finetune_all
+            model.train()
+            if frozen: model.body.eval()
+            for p, r in zip(body_p, req): p.requires_grad_(r and not frozen)
+            tot, hits, n = run_epoch(ep, frozen, opt)
+            va = val_acc()
+            for k, v in dict(epoch=ep, phase="head" if frozen else "all", train_loss=tot / n, train_acc=hits / n,
+                             val_acc=va, seconds=time.time() - t0).items(): hist[k].append(v)
+            if show: bar.set_postfix(loss=f"{tot / n:.3f}", val=f"{va:.3f}")
+            improved = va != va or va > st["best"]                          # nan (no val split): always keep the latest
+            if improved:
+                st["best"], st["bad"], hist["best_epoch"] = (va if va == va else st["best"]), 0, ep
+                st["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                st["bad"] += 1
+                if cfg.patience is not None and st["bad"] >= cfg.patience: hist["stopped_early"] = True
+            st["done"] = hist["stopped_early"] or ep == cfg.epochs - 1
+            if on_epoch_end is not None: on_epoch_end(ep, st, improved, opt)
+            if hist["stopped_early"]: break
+    finally:
+        for p, r in zip(body_p, req): p.requires_grad_(r)
+        opt.zero_grad(set_to_none=True)
+    model.load_state_dict(st["best_state"])
+    return st
+
+def train_seen(model: NIWTNet,                   # the network to fine-tune (built for `len(data.seen)` classes)
+               data,                             # a `ZSLData`: trains on split 'train', validates on 'val' when there is one
+               cfg: TrainConfig | None = None,   # the fine-tuning settings; None: `TrainConfig()`
+               device=None,                      # where to train (None: `get_device()`); the model moves there
+               ckpt_path=None,                   # a file to checkpoint every epoch into, and to resume from when it matches the run
+               acts: ActivationCache | None = None,  # mode='cached': activations of train (+ val) computed beforehand (None: built here)
+              ):                                 # `(model, history)`: the best-val state loaded, in eval mode
     "Fine-tune `model` on the seen classes of `data`; return `(model, history)` with the best-val state loaded, in eval mode."
-    cfg, col = _train_inputs(model, data, cfg)
+    cfg, col = train_inputs(model, data, cfg)
     cached = cfg.mode == "cached"
     if acts is not None and not cached:
         raise input_error("acts", "cached activations were given but cfg.mode is 'full'", "pass TrainConfig(mode='cached', ...) or drop acts=")
     dev = get_device(device); model.to(dev)
     fp = _train_fingerprint(model, data, cfg) if ckpt_path is not None else None
     gen = seed_everything(cfg.seed)
-    body_p = list(model.body.parameters()); body_ids = {id(p) for p in body_p}
-    rest_p = [p for p in model.parameters() if id(p) not in body_ids]
-    opt = torch.optim.Adam([{"params": body_p, "lr": cfg.lr * cfg.body_lr_mult}, {"params": rest_p, "lr": cfg.lr}],
-                           weight_decay=cfg.wd)
-    hist = dict(epoch=[], phase=[], train_loss=[], train_acc=[], val_acc=[], seconds=[], best_epoch=None, stopped_early=False)
-    best, best_state, bad, start, done = -1.0, None, 0, 0, False
     ck = _resume_record(Path(ckpt_path), fp) if ckpt_path is not None else None
+    resume = None
     if ck is not None:                                                       # continue after the last completed epoch
         r = ck["resume"]
-        model.load_state_dict(r["model"]); opt.load_state_dict(r["optimizer"])
+        model.load_state_dict(r["model"])
         gen.set_state(r["generator"]); torch.set_rng_state(r["torch_rng"])
         if r["cuda_rng"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(r["cuda_rng"])
-        hist, best_state, best, bad, start, done = ck["history"], ck["model"], r["best"], r["bad"], r["last_epoch"] + 1, r["done"]
-    req = [p.requires_grad for p in body_p]
+        resume = dict(hist=ck["history"], best_state=ck["model"], best=r["best"], bad=r["bad"], start=r["last_epoch"] + 1,
+                      done=r["done"], optimizer=r["optimizer"])
     tmp = None
     tr_idx = data.splits["train"]
-    if cached and not done:
+    if cached and not (resume is not None and resume["done"]):
         if acts is None: acts, tmp = _own_cache(model, data, cfg, dev)
-        _check_acts(acts, model, cfg.img_size)
+        check_acts(acts, model, cfg.img_size)
         if cfg.augment and not acts.flip:
             raise input_error("acts", "hold no flipped images but cfg.augment is True", "build them with flip=True, or set augment=False")
         tr_pos = acts.positions(tr_idx)
 
-    def step(A, y):                                                          # one optimiser step on head + fc (+ body)
+    def step(A, y, opt):                                                     # one optimiser step on head + fc (+ body)
         out = model.fc(model.features(A))
         loss = F.cross_entropy(out, y)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         return loss.item() * len(y), (out.argmax(1) == y).sum().item()
 
-    bar = progress(range(start, cfg.epochs), "fine-tune")
-    try:
-        for ep in ([] if done else bar):
-            t0, frozen = time.time(), cached or ep < cfg.head_epochs or not cfg.finetune_all
-            model.train()
-            if frozen: model.body.eval()
-            for p, r in zip(body_p, req): p.requires_grad_(r and not frozen)
-            tot, hits = 0.0, 0
-            if cached:                                                       # the same random draws as the image path
-                order = torch.randperm(len(tr_idx), generator=gen)
-                for s in range(0, len(order), cfg.bs):
-                    o = order[s:s + cfg.bs]
-                    flip = (torch.rand(len(o), generator=gen) < 0.5) if cfg.augment else None
-                    l, h = step(acts.gather(tr_pos[o], dev, flipped=flip), col[data.labels[tr_idx[o]]].to(dev))
-                    tot, hits = tot + l, hits + h
-            else:
-                for xb, yb, _ in iter_batches(data, "train", cfg.bs, True, gen, cfg.num_workers, cfg.img_size):
-                    xb, y = xb.to(dev), col[yb].to(dev)
-                    if cfg.augment:
-                        flip = (torch.rand(len(xb), generator=gen) < 0.5).to(dev)
-                        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-                    with torch.set_grad_enabled(not frozen): A = model.acts(xb)
-                    l, h = step(A, y)
-                    tot, hits = tot + l, hits + h
-            n = len(tr_idx)
-            va = _val_acc(model, data, "val", cfg.bs * 2, col, cfg.num_workers, cfg.img_size, acts if cached else None)
-            for k, v in dict(epoch=ep, phase="head" if frozen else "all", train_loss=tot / n, train_acc=hits / n,
-                             val_acc=va, seconds=time.time() - t0).items(): hist[k].append(v)
-            bar.set_postfix(loss=f"{tot / n:.3f}", val=f"{va:.3f}")
-            if va != va or va > best:  # nan (no val split): always keep the latest
-                best, bad, hist["best_epoch"] = (va if va == va else best), 0, ep
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-                if cfg.patience is not None and bad >= cfg.patience: hist["stopped_early"] = True
-            done = hist["stopped_early"] or ep == cfg.epochs - 1
-            if ckpt_path is not None:
-                resume = dict(format=_RESUME_FORMAT, fingerprint=fp, last_epoch=ep, done=done,
-                              model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                              optimizer=opt.state_dict(), generator=gen.get_state(), torch_rng=torch.get_rng_state(),
-                              cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], best=best, bad=bad)
-                atomic_torch_save({"model": best_state, "epoch": hist["best_epoch"], "val_acc": hist["val_acc"][hist["best_epoch"]],
-                                   "history": hist, "train_config": cfg.to_dict(), "backbone": model.backbone, "layer": model.layer,
-                                   "resume": resume}, Path(ckpt_path))
-            if hist["stopped_early"]: break
+    def run_epoch(ep, frozen, opt):
+        tot, hits = 0.0, 0
+        if cached:                                                           # the same random draws as the image path
+            order = torch.randperm(len(tr_idx), generator=gen)
+            for s in range(0, len(order), cfg.bs):
+                o = order[s:s + cfg.bs]
+                flip = (torch.rand(len(o), generator=gen) < 0.5) if cfg.augment else None
+                l, h = step(acts.gather(tr_pos[o], dev, flipped=flip), col[data.labels[tr_idx[o]]].to(dev), opt)
+                tot, hits = tot + l, hits + h
+        else:
+            for xb, yb, _ in iter_batches(data, "train", cfg.bs, True, gen, cfg.num_workers, cfg.img_size):
+                xb, y = xb.to(dev), col[yb].to(dev)
+                if cfg.augment:
+                    flip = (torch.rand(len(xb), generator=gen) < 0.5).to(dev)
+                    xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+                with torch.set_grad_enabled(not frozen): A = model.acts(xb)
+                l, h = step(A, y, opt)
+                tot, hits = tot + l, hits + h
+        return tot, hits, len(tr_idx)
+
+    def checkpoint(ep, st, improved, opt):                                   # every epoch: the best state and how to resume
+        if ckpt_path is None: return
+        hist = st["hist"]
+        resume = dict(format=_RESUME_FORMAT, fingerprint=fp, last_epoch=ep, done=st["done"],
+                      model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                      optimizer=opt.state_dict(), generator=gen.get_state(), torch_rng=torch.get_rng_state(),
+                      cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], best=st["best"], bad=st["bad"])
+        atomic_torch_save({"model": st["best_state"], "epoch": hist["best_epoch"], "val_acc": hist["val_acc"][hist["best_epoch"]],
+                           "history": hist, "train_config": cfg.to_dict(), "backbone": model.backbone, "layer": model.layer,
+                           "resume": resume}, Path(ckpt_path))
+
+    val = lambda: _val_acc(model, data, "val", cfg.bs * 2, col, cfg.num_workers, cfg.img_size, acts if cached else None)
+    try: st = fit_epochs(model, cfg, run_epoch, val, checkpoint, resume, body_frozen=cached)
     finally:
-        for p, r in zip(body_p, req): p.requires_grad_(r)
-        opt.zero_grad(set_to_none=True)
         if tmp is not None: tmp.cleanup()
-    model.load_state_dict(best_state)
-    return model.eval(), hist
+    return model.eval(), st["hist"]
 
 # %% ../nbs/04_models.ipynb #a8df26bc
 @torch.no_grad()
-def predict(model: NIWTNet, data, split: str, bs: int = 256, device=None, num_workers: int = 0,
-            img_size: int | None = None, acts: ActivationCache | None = None) -> dict:
+def predict(model: NIWTNet,          # the network
+            data,                    # a `ZSLData`
+            split: str,              # the split to predict
+            bs: int = 256,           # images per batch
+            device=None,             # where to compute (None: `get_device()`); the model moves there
+            num_workers: int = 0,    # DataLoader workers for image files
+            img_size: int | None = None,  # resize images to `img_size x img_size` first
+            acts: ActivationCache | None = None,  # activations of the split computed beforehand: only the head runs
+           ) -> dict:                # logits, features, labels, idx
     "Seen logits `(n, n_seen)`, features `(n, D)`, class ids `(n,)` and image indices `(n,)` for `split` (CPU tensors; the model moves to `device`)."
-    _check_model(model); _check_data(data, [split])
+    check_model(model); check_data(data, [split])
     dev = get_device(device); model.to(dev)
     idx = data.splits[split]
     if acts is not None:
-        _check_acts(acts, model, _ANY if img_size is None else img_size)
+        check_acts(acts, model, _ANY if img_size is None else img_size)
         pos = acts.positions(idx)
         batches = ((acts.gather(pos[s:s + bs], dev), data.labels[idx[s:s + bs]], idx[s:s + bs]) for s in range(0, len(idx), bs))
     else: batches = iter_batches(data, split, bs, num_workers=num_workers, img_size=img_size)
@@ -903,7 +1019,10 @@ def predict(model: NIWTNet, data, split: str, bs: int = 256, device=None, num_wo
                     labels=torch.zeros(0, dtype=torch.long), idx=torch.zeros(0, dtype=torch.long))
     return {k: torch.cat(v) for k, v in out.items()}
 
-def gzsl_logits(features: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def gzsl_logits(features: torch.Tensor,         # classifier inputs `(n, D)`
+                W: torch.Tensor,                # classifier rows `(C, D)` (seen and new)
+                b: torch.Tensor | None = None,  # their biases `(C,)` (None: zeros)
+               ) -> torch.Tensor:               # `(n, C)`
     "Scores `(n, C)` of features `(n, D)` for classifier rows `W (C, D)` and biases `b (C,)` (zeros when None)."
     dims = {}
     features = check_tensor(features, "features", ("n", "D"), dims=dims, dtype="float")

@@ -115,3 +115,18 @@ def test_file_images_match_in_memory(tmp_path):
     a = extract_alphas_ddp(ref, files, "trainval", ImportanceConfig(bs=6))
     torch.testing.assert_close(a["alphas"], a_ref["alphas"], atol=1e-5, rtol=1e-4)
     assert torch.equal(a["labels"], a_ref["labels"])
+
+
+def test_both_entry_points_share_one_loop_on_one_process(tmp_path):
+    "train_seen and train_seen_ddp run models.fit_epochs: on one process (no group) the same history and weights up to rounding."
+    from niwt_nb.distributed import train_seen_ddp, GlobalBatchNorm
+    data = make_shapes(ShapesConfig(n_classes=10, n_unseen=3, n_val_classes=1, n_per_class=16, size=16, seed=0), cache=False)
+    cfg = TrainConfig(epochs=3, bs=25, lr=3e-3, seed=0, head_epochs=1, patience=1)
+    one, h1 = train_seen(build_model(ModelConfig(width=8, seed=0), len(data.seen)), data, cfg)
+    ddp, h2 = train_seen_ddp(build_model(ModelConfig(width=8, seed=0), len(data.seen)), data, cfg, ckpt_path=tmp_path / "ck.pt")
+    for k in ("epoch", "phase", "val_acc", "train_acc", "best_epoch", "stopped_early"): assert h1[k] == h2[k], k
+    torch.testing.assert_close(torch.tensor(h2["train_loss"]), torch.tensor(h1["train_loss"]), atol=1e-5, rtol=1e-5)
+    for k, v in one.state_dict().items(): torch.testing.assert_close(ddp.state_dict()[k], v, atol=1e-4, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert not any(isinstance(m, GlobalBatchNorm) for m in ddp.modules()) and not ddp.training
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert ck["epoch"] == h2["best_epoch"] and ck["world_size"] == 1 and all(torch.equal(v, ddp.state_dict()[k]) for k, v in ck["model"].items())

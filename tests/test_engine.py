@@ -11,7 +11,7 @@ from niwt_nb.core import NIWTInputError
 from niwt_nb.models import ModelConfig, build_model
 from niwt_nb.importance import importances
 from niwt_nb.engine import all_class_importances, target_importances, frozen
-from niwt_nb.alpha2w import Alpha2WConfig, fit_alpha2w, importance_matrix, alpha2w_objective, _reference_alpha, _frozen
+from niwt_nb.alpha2w import Alpha2WConfig, fit_alpha2w, importance_matrix, alpha2w_objective, _reference_alpha
 from functools import partial
 A2W = partial(Alpha2WConfig, objective="mean_alpha", lam=1e-3, stop="absolute", patience=100)   # the settings these tests were written for (the defaults before the original's objective became the default)
 
@@ -101,7 +101,7 @@ def test_alpha2w_fast_and_reference_same_objective(net):
     W = (net.fc.weight.detach().mean(0) + 0.1 * torch.randn(3, net.D, generator=g)).requires_grad_(True)
     G = importance_matrix(net, x, bs=5)
     w_mean = net.fc.weight.detach().mean(0)
-    with _frozen(net):
+    with frozen(net):
         l_ref = alpha2w_objective(_reference_alpha(net, net.acts(x), W, None), target, W, w_mean, 0.01)[0]
         l_fast = alpha2w_objective(W @ G.T, target, W, w_mean, 0.01)[0]
         torch.testing.assert_close(l_fast, l_ref, atol=1e-6, rtol=1e-5)
@@ -153,3 +153,58 @@ def test_lite_heads_match_loop_and_cached_activations(layer):
     t = torch.tensor([4, 0, 2])
     torch.testing.assert_close(target_importances(lite, targets=t, A=A), importances(lite, x, t), atol=1e-5, rtol=1e-4)
     with pytest.raises(NIWTInputError, match="`A`"): target_importances(lite, targets=t, A=A[0])
+
+
+# ---- one importance gradient: every call site is engine.score_grads -------------------------------------------------
+def plain_grads(model, A, dirs, create_graph=False):
+    "The textbook importance gradient: d(sum_b dirs_b . f(A_b)) / dA, summed over space."
+    A = A.detach().clone().requires_grad_(True)
+    g, = torch.autograd.grad((model.features(A) * dirs).sum(), A, create_graph=create_graph)
+    return g.sum((2, 3))
+
+
+def test_every_call_site_is_score_grads(net):
+    from niwt_nb.engine import score_grads, head_jacobian
+    from niwt_nb.importance import importances_from_acts
+    from niwt_nb.alpha2w import _reference_pair_alpha, _feed_cos
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.rand(5, 3, 32, 32, generator=g), torch.randn(3, net.D, generator=g)
+    t = torch.tensor([0, 2, 1, 1, 0])
+    with torch.no_grad(): A = net.acts(x)
+    core = score_grads(net, A, W[t])                                                     # (B, K)
+    assert torch.equal(core, plain_grads(net, A, W[t]))                                 # bit for bit the textbook gradient
+    # importance: importances_from_acts / importances
+    assert torch.equal(importances_from_acts(net, A, t, W=W), core)
+    assert torch.equal(importances(net, x, t, W=W), core)
+    torch.testing.assert_close(importances_from_acts(net, A, t, W=W, reduce="mean"), score_grads(net, A, W[t], reduce="mean"), rtol=0, atol=0)
+    # engine: the batched path (several directions), the jacobian route and target_importances
+    many = score_grads(net, A, W[:, None].expand(3, 5, net.D))                          # (B, 3, K)
+    for c in range(3): torch.testing.assert_close(many[:, c], score_grads(net, A, W[c].expand(5, net.D)), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(all_class_importances(net, A=A, W=W, method="vjp", fold=False), many, atol=0, rtol=0)
+    torch.testing.assert_close(all_class_importances(net, A=A, W=W, method="jacobian"), many, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(torch.einsum("bdk,cd->bck", head_jacobian(net, A, fast=False), W), many, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(target_importances(net, x, t, W=W, fold=False), core, atol=0, rtol=0)
+    torch.testing.assert_close(target_importances(net, x, t, W=W), core, atol=1e-6, rtol=1e-5)   # folded convolution
+    # alpha2w: the reference paths (create_graph) and the final cosines
+    Wg = W.clone().requires_grad_(True)
+    with frozen(net):
+        pair = _reference_pair_alpha(net, A, Wg, t)
+        ref = _reference_alpha(net, A, Wg, None)                                         # (3, K): batch means
+    assert torch.equal(pair.detach(), core)
+    torch.testing.assert_close(ref.detach(), many.mean(0), atol=1e-6, rtol=1e-5)
+    l2 = plain_grads(net, A, Wg[t], create_graph=True).square().sum()
+    torch.testing.assert_close(torch.autograd.grad(pair.square().sum(), Wg)[0], torch.autograd.grad(l2, Wg)[0], atol=1e-6, rtol=1e-5)
+    target = torch.randn(3, net.K, generator=g)
+    with frozen(net):
+        cos = _feed_cos(net, x, W, target, "pairs", 2, 256)
+    want = torch.nn.functional.cosine_similarity(many, target[None], dim=-1).mean(0)
+    torch.testing.assert_close(cos, want, atol=1e-6, rtol=1e-5)
+
+
+def test_score_grads_bad_input(net):
+    from niwt_nb.engine import score_grads
+    A, W = torch.randn(2, net.K, 4, 4), torch.randn(3, net.D)
+    for kw, arg in ((dict(dirs=W), "dirs"), (dict(dirs=W[:2], reduce="max"), "reduce"), (dict(dirs=W[:2], backend="jax"), "backend"),
+                    (dict(dirs=W[:, None].expand(3, 2, net.D), create_graph=True), "create_graph"),
+                    (dict(dirs=lambda j0, j1: W[j0:j1, None].expand(j1 - j0, 2, net.D)), "n"), (dict(dirs="W"), "dirs")):
+        with pytest.raises(NIWTInputError, match=f"`{arg}`"): score_grads(net, A, **kw)

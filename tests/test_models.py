@@ -518,3 +518,64 @@ def test_resume_refuses_other_runs_with_a_warning(tmp_path):
     ckd = torch.load(ck, weights_only=True)
     assert set(ckd) >= {"model", "epoch", "val_acc", "history", "train_config", "resume"}
     assert set(ckd["resume"]) >= {"model", "optimizer", "generator", "torch_rng", "fingerprint", "last_epoch", "best", "bad"}
+
+
+# ---- one training loop, configs that build their own model ----------------------------------------------------------
+@pytest.mark.parametrize("mode, patience, fc_sum, fc_abs, conv_abs, val", [
+    ("full", 1, -1.1423326875665225, 20.60287879203679, 20.618697020225227, [1 / 7, 4 / 7, 5 / 7]),
+    ("cached", 3, -0.9343757049646229, 20.20379754737951, 20.45939524145797, [1 / 7, 1 / 7, 2 / 7])])
+def test_train_seen_weights_as_before_the_shared_loop(tmp_path, mode, patience, fc_sum, fc_abs, conv_abs, val):
+    "Numbers of train_seen computed before it ran on models.fit_epochs (same seeds, same weights); with a checkpoint every epoch."
+    from niwt_nb.shapes import ShapesConfig, make_shapes
+    data = make_shapes(ShapesConfig(n_classes=10, n_unseen=3, n_val_classes=1, n_per_class=16, size=16, seed=0), cache=False)
+    cfg = TrainConfig(epochs=3, bs=25, lr=3e-3, seed=0, patience=patience, mode=mode, cache_dtype="float32")
+    m, h = train_seen(build_model(ModelConfig(width=8, seed=0), len(data.seen)), data, cfg, ckpt_path=tmp_path / "ck.pt")
+    sd = m.state_dict()
+    got = [sd["fc.weight"].double().sum().item(), sd["fc.weight"].double().abs().sum().item(), sd["body.features.0.0.weight"].double().abs().sum().item()]
+    np.testing.assert_allclose(got, [fc_sum, fc_abs, conv_abs], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(h["val_acc"], val, rtol=1e-6)
+    assert h["best_epoch"] == 2 and not h["stopped_early"] and h["phase"] == (["all"] * 3 if mode == "full" else ["head"] * 3)
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["resume"]["done"] and all(torch.equal(v, sd[k].cpu()) for k, v in ck["model"].items())
+
+
+def test_fit_epochs_hooks_and_early_stop():
+    "fit_epochs alone: frozen flags per epoch, the hook sees every epoch, early stopping keeps the best state."
+    from niwt_nb.models import fit_epochs
+    net = small()
+    calls, accs = [], iter([0.5, 0.7, 0.6, 0.6, 0.9])
+    def run_epoch(ep, frozen, opt):
+        assert all(p.requires_grad != frozen for p in net.body.parameters()) and net.body.training != frozen
+        with torch.no_grad(): net.fc.bias.fill_(ep)                                       # a mark of the epoch's state
+        return 2.0, 1, 4
+    st = fit_epochs(net, TrainConfig(epochs=5, head_epochs=1, patience=2), run_epoch, lambda: next(accs),
+                    lambda ep, st, improved, opt: calls.append((ep, improved, st["done"])), show=False)
+    assert calls == [(0, True, False), (1, True, False), (2, False, False), (3, False, True)]
+    assert st["hist"]["phase"] == ["head", "all", "all", "all"] and st["hist"]["stopped_early"] and st["hist"]["best_epoch"] == 1
+    assert st["hist"]["train_loss"] == [0.5] * 4 and torch.equal(net.fc.bias, torch.ones(4))   # the best state is loaded
+    assert all(p.requires_grad for p in net.parameters()) and all(p.grad is None for p in net.parameters())
+
+
+def test_configs_build_their_own_model():
+    from niwt_nb.features import FeatureModelConfig, FeatureNet, build_feature_model
+    from niwt_nb.pipeline import build_any_model
+    for cfg, build in ((ModelConfig(width=8, seed=1), build_model), (FeatureModelConfig(in_features=12, hidden=8, out_features=6, seed=1), build_feature_model)):
+        a, b, c = cfg.build(3), build(cfg, 3), build_any_model(cfg, 3)
+        assert type(a) is type(b) is type(c) and a.n_seen == 3 and (a.K, a.D) == (b.K, b.D)
+        assert all(torch.equal(v, b.state_dict()[k]) and torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+    assert isinstance(FeatureModelConfig(in_features=12, hidden=8, out_features=6).build(2), FeatureNet)
+    with pytest.raises(NIWTInputError, match="`n_seen`"): ModelConfig().build(0)
+    with pytest.raises(NIWTInputError, match="`n_seen`"): FeatureModelConfig().build(True)
+
+
+def test_public_checks():
+    "The checks other modules use are public (no private name is imported across modules)."
+    from niwt_nb.models import check_data, check_model, check_seen_split, check_acts, train_inputs, seen_columns
+    data, net = tiny_data(), small()
+    check_data(data, ["train"]); check_model(net, data); check_seen_split(data, "train", seen_columns(data))
+    with pytest.raises(NIWTInputError, match="`split`"): check_data(data, ["nope"])
+    with pytest.raises(NIWTInputError, match="`model`"): check_model(nn.Linear(2, 2))
+    with pytest.raises(NIWTInputError, match="`data`"): check_seen_split(data, "test_unseen", seen_columns(data))
+    with pytest.raises(NIWTInputError, match="`acts`"): check_acts(object(), net)
+    cfg, col = train_inputs(net, data)
+    assert cfg == TrainConfig() and torch.equal(col, seen_columns(data))

@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from niwt_nb.core import NIWTInputError, eval_mode
 from niwt_nb.dom2alpha import Dom2AlphaConfig, Dom2Alpha, fit_dom2alpha, spearman_rows, _class_sums, _cos_loss
 from niwt_nb.alpha2w import (Alpha2WConfig, fit_alpha2w, importance_matrix, alpha2w_objective, alpha2w_penalty,
-                             _reference_alpha, _reference_pair_alpha, _pairs_loss_grad, _Plateau, _frozen)
+                             _reference_alpha, _reference_pair_alpha, _pairs_loss_grad, _Plateau)
+from niwt_nb.engine import frozen
 from functools import partial
 A2W = partial(Alpha2WConfig, objective="mean_alpha", lam=1e-3, stop="absolute", patience=100)   # the settings these tests were written for (the defaults before the original's objective became the default)
 
@@ -273,7 +274,7 @@ def test_fast_and_reference_same_loss_and_gradient(tiny):
     w_mean = net.fc.weight.detach().mean(0)
     W = (w_mean + 0.2 * torch.randn(3, 16, generator=torch.Generator().manual_seed(5))).requires_grad_(True)
     b = torch.zeros(3)
-    with _frozen(net):
+    with frozen(net):
         l_ref = alpha2w_objective(_reference_alpha(net, net.acts(x), W, b), target, W, w_mean, 0.05)[0]
         l_fast = alpha2w_objective(W @ G.T, target, W, w_mean, 0.05)[0]
         torch.testing.assert_close(l_fast, l_ref, rtol=1e-5, atol=1e-6)
@@ -355,7 +356,7 @@ def test_per_image_G_and_pairs_fast_path_equal_autograd(tiny):
     Wg = W.clone().requires_grad_(True)
     cls, img = torch.arange(3).repeat(len(x)), torch.arange(len(x)).repeat_interleave(3)
     for penalty in ("mean", "half_sum"):
-        with _frozen(net):
+        with frozen(net):
             l_ref = alpha2w_objective(_reference_pair_alpha(net, net.acts(x)[img], Wg, cls), target, Wg, w_mean, 0.05, penalty, cls)[0]
             g_ref, = torch.autograd.grad(l_ref, Wg)
         loss, cos, l2, grad = _pairs_loss_grad(Gx, Wg, target, w_mean, 0.05, penalty, chunk_mb=1)
