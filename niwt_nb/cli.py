@@ -11,7 +11,8 @@ from pathlib import Path
 from fastcore.script import call_parse, Param, store_true
 from .core import NIWTInputError, input_error, ArtifactStore, temp_env
 from .models import ModelConfig, TrainConfig
-from .pipeline import RunConfig, run_niwt, SEMANTICS
+from .data import SEMANTICS
+from .pipeline import RunConfig, run_niwt
 
 # %% ../nbs/12_cli.ipynb #d84d2bb7
 _MODEL_FLAGS = ("backbone", "layer", "weights")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from .core import input_error, eval_mode
-from .models import gzsl_logits
+from .models import gzsl_logits, seen_columns
 from .engine import target_importances, head_jacobian
 from .dom2alpha import fit_dom2alpha
 from .alpha2w import fit_alpha2w
@@ -91,7 +91,7 @@ def diagnose(run:Run, # a finished run (`run_niwt(...)["_runs"][0]`)
     out["oracle"] = {**_score(run, *through_alpha2w(alpha_oracle)), "alpha_cos": 1.0}
     # (b) NIWT at a pooling-only layer: importances are the classifier rows
     pv = PoolingView(net)
-    col = torch.full((d.n_cls,), -1, dtype=torch.long); col[d.seen] = torch.arange(len(d.seen))
+    col = seen_columns(d)                                                            # class id -> seen column
     alphas_pool = W_seen.cpu()[col[A["labels"]]]                                     # what extract_alphas gives there (checked above)
     tr = d.seen[~torch.isin(d.seen, d.val_classes)]
     d2a_p, rep = fit_dom2alpha(dom, alphas_pool, A["labels"], tr, d.val_classes, d2a_cfg)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import Config, input_error, check_tensor
+from .data import class_columns
 
 # %% auto #0
 __all__ = ['Dom2AlphaConfig', 'Dom2Alpha', 'spearman_rows', 'fit_dom2alpha', 'plot_dom2alpha_history']
@@ -83,12 +84,11 @@ class Dom2Alpha(nn.Module):
 # %% ../nbs/06_dom2alpha.ipynb #a5a70e4b
 def _class_sums(alphas, labels, classes):
     "(len(classes), K) sums of unit-normalised alphas per class, and (len(classes),) image counts."
-    pos = torch.full((int(max(labels.max(), classes.max())) + 1,), -1, dtype=torch.long, device=labels.device)
-    pos[classes] = torch.arange(len(classes), device=labels.device)
-    keep = pos[labels] >= 0
+    col = class_columns(classes, labels, "labels", strict=False).to(labels.device)   # -1: a label outside `classes`
+    keep = col >= 0
     S = torch.zeros(len(classes), alphas.shape[1], dtype=alphas.dtype, device=alphas.device)
-    S.index_add_(0, pos[labels[keep]], F.normalize(alphas[keep], dim=1))
-    n = torch.bincount(pos[labels[keep]], minlength=len(classes))
+    S.index_add_(0, col[keep], F.normalize(alphas[keep], dim=1))
+    n = torch.bincount(col[keep], minlength=len(classes))
     return S, n
 
 def _cos_loss(pred, S, n_img):

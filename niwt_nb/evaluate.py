@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 import torch
 from .core import input_error, check_tensor
+from .data import class_columns
 
 # %% auto #0
 __all__ = ['SAE_SPACES', 'VAL_METRICS', 'DEFAULT_GRIDS', 'SPLIT_NAMES', 'per_class_accuracy', 'harmonic_mean', 'GZSLProblem',
@@ -509,8 +510,7 @@ def refit_seen_head(X,                         # (n, D) features
     X = check_tensor(X, "X", shape=("n", "D"), dtype="float")
     y = check_tensor(y, "y", shape=(len(X),), dtype="long").cpu()
     classes = _ids(classes, "classes")
-    lut = torch.full((int(max(classes.max(), y.max() if len(y) else 0)) + 1,), -1, dtype=torch.long); lut[classes] = torch.arange(len(classes))
-    col = lut[y]
+    col = class_columns(classes, y, "y", strict=False)
     if len(y) == 0 or (col < 0).any(): raise input_error("y", "has labels outside `classes` (or no rows)", "pass only images of the classes to fit")
     missing = classes[torch.bincount(col, minlength=len(classes)) == 0]
     if len(missing): raise input_error("classes", f"{missing[:5].tolist()} have no image in X", "fit on classes that have images")

@@ -11,24 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from .core import input_error, check_tensor, eval_mode
+from .data import class_columns
 from .models import NIWTNet, SquareResize, check_model, check_acts
 from .importance import importances, importances_from_acts, classifier_of, class_targets
-from .semantic import _tokens
-# module-local names until this notebook's other cells call the public ones (check_model, check_acts, classifier_of, class_targets)
-_check_model, _check_acts, _classifier, _targets = check_model, check_acts, classifier_of, class_targets
+from .semantic import tokenize
 
 # %% auto #0
-__all__ = ['CUB_PART_GROUPS', 'gradcam_from_acts', 'gradcam', 'overlay', 'plot_gradcam', 'boxes_to_masks', 'pointing_game',
-           'energy_in_mask', 'centered_blob', 'auroc', 'Alpha2Dom', 'fit_alpha2dom', 'explain_pred_from_acts',
-           'explain_pred', 'text_precision', 'class_attribute_frequency', 'rank_corr', 'caption_words',
-           'neuron_attributes', 'name_neurons', 'pooled_acts', 'naming_table', 'plot_naming', 'plot_neuron',
-           'attribute_parts', 'peak_locations', 'part_hits', 'part_consistency', 'part_table', 'PartConsistency',
-           'RunExplanations', 'collect_explanations', 'explain_run', 'plot_part_naming', 'plot_neuron_parts',
-           'plot_explanations']
+__all__ = ['CUB_PART_GROUPS', 'gradcam_from_acts', 'gradcam', 'to_hwc', 'overlay', 'plot_gradcam', 'boxes_to_masks',
+           'pointing_game', 'energy_in_mask', 'centered_blob', 'auroc', 'Alpha2Dom', 'fit_alpha2dom',
+           'explain_pred_from_acts', 'explain_pred', 'text_precision', 'class_attribute_frequency', 'rank_corr',
+           'caption_words', 'neuron_attributes', 'name_neurons', 'pooled_acts', 'naming_table', 'plot_naming',
+           'plot_neuron', 'attribute_parts', 'peak_locations', 'part_hits', 'part_consistency', 'part_table',
+           'PartConsistency', 'RunExplanations', 'image_batch', 'collect_explanations', 'explain_run',
+           'plot_part_naming', 'plot_neuron_parts', 'plot_explanations']
 
 # %% ../nbs/09_explain.ipynb #119ae1b0
 def _check_x(model, x):
-    _check_model(model)
+    check_model(model)
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
         raise input_error("x", f"expected images (B,3,H,W), got {getattr(x, 'shape', type(x).__name__)}", "use x[None] for one image")
     dev = next(model.parameters()).device
@@ -59,7 +58,7 @@ def gradcam(model: NIWTNet,          # network to explain
            ) -> torch.Tensor:  # (B,H,W) maps, >= 0
     "Grad-CAM `(B,H,W)` of the `targets` columns for images `x (B,3,H,W)`, upsampled to `size` (default: the image's) and scaled to max 1 per image."
     _check_x(model, x)
-    _targets(targets, x.shape[0], len(_classifier(model, W, b)[0]), x.device)   # fail before the forward pass
+    class_targets(targets, x.shape[0], len(classifier_of(model, W, b)[0]), x.device)   # fail before the forward pass
     size = tuple(x.shape[-2:]) if size is None else (size, size) if isinstance(size, int) else size
     if not (isinstance(size, tuple) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         raise input_error("size", f"expected None, an int or (H, W), got {size!r}", "pass e.g. size=(224, 224)")
@@ -74,7 +73,8 @@ def _resize_cams(cam: torch.Tensor, size: tuple, normalize: bool = True) -> torc
     return cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12) if normalize else cam
 
 # %% ../nbs/09_explain.ipynb #75e9a998
-def _hwc(img) -> np.ndarray:
+def to_hwc(img, # a `(3, H, W)` tensor (uint8 or float in [0, 1]) or an `(H, W, 3)` array
+          )->np.ndarray:
     "An image as a float `(H, W, 3)` numpy array in [0, 1]."
     if isinstance(img, torch.Tensor):
         img = img.detach().cpu()
@@ -91,7 +91,7 @@ def overlay(img,                 # one image, (3,H,W) or (H,W,3), uint8 or float
            ) -> np.ndarray:  # (H,W,3) float in [0, 1]
     "RGB float array `(H,W,3)` in [0,1]: heat map `cam (h,w)` (resized to the image, scaled to max 1) blended over `img` in proportion to its value."
     import matplotlib
-    im = _hwc(img)
+    im = to_hwc(img)
     c = check_tensor(torch.as_tensor(np.asarray(cam)) if not isinstance(cam, torch.Tensor) else cam, "cam", (None, None), dtype="float")
     c = c.detach().cpu().float().clamp_min(0)
     if not 0 <= alpha <= 1: raise input_error("alpha", f"expected a number in [0, 1], got {alpha!r}", "pass e.g. alpha=0.5")
@@ -323,15 +323,15 @@ def explain_pred_from_acts(model: NIWTNet,   # network whose head runs on `A`
                           ) -> dict:  # `names`, `idx` (B,k), `scores` (B,k), `target` (B,), `z` (B,d)
     """`explain_pred` from activations `A (B,K,h,w)` of the importance layer (e.g. gathered from an `ActivationCache`):
     only the head runs. Also returns `z (B,d)`, the score of every attribute."""
-    _check_model(model); _check_inv(inv, model, attr_names); _pos_int("k", k, inv.d)
+    check_model(model); _check_inv(inv, model, attr_names); _pos_int("k", k, inv.d)
     if not isinstance(A, torch.Tensor) or A.ndim != 4 or A.shape[1] != model.K:
         raise input_error("A", f"expected activations (B,{model.K},h,w), got {getattr(A, 'shape', type(A).__name__)}", "pass model.acts(x)")
-    Wc, bc = _classifier(model, W, b)
+    Wc, bc = classifier_of(model, W, b)
     if target is None:
         with eval_mode(model), torch.no_grad():
             f = model.features(A)                                               # (B, D)
             target = (f @ Wc.to(f).T + (0 if bc is None else bc.to(f))).argmax(1)
-    t = _targets(target, A.shape[0], len(Wc), A.device)
+    t = class_targets(target, A.shape[0], len(Wc), A.device)
     z = inv(importances_from_acts(model, A, t, W, b).to(inv.B.device))        # (B, d) standard units
     sc, idx = z.topk(k, dim=1)                                                 # (B, k)
     return {"names": [[attr_names[j] for j in row] for row in idx.tolist()], "idx": idx, "scores": sc, "target": t, "z": z}
@@ -349,7 +349,7 @@ def explain_pred(model: NIWTNet,   # network to explain
     `model.fc` (or `W`): an int, `(B,)`, or None for the predicted column. Returns names (B lists), idx `(B,k)`,
     scores `(B,k)` in standard units, target `(B,)` and z `(B,d)` (every attribute's score)."""
     _check_x(model, x); _check_inv(inv, model, attr_names); _pos_int("k", k, inv.d)
-    if target is not None: _targets(target, x.shape[0], len(_classifier(model, W, b)[0]), x.device)   # fail before the forward pass
+    if target is not None: class_targets(target, x.shape[0], len(classifier_of(model, W, b)[0]), x.device)   # fail before the forward pass
     with eval_mode(model), torch.no_grad(): A = model.acts(x)                 # (B, K, h, w)
     return explain_pred_from_acts(model, A, target, inv, attr_names, k, W, b)
 
@@ -395,7 +395,7 @@ def caption_words(captions: dict,        # class id -> list of caption strings (
     "Class-by-word matrix `(n_cls, V)` (fraction of each class's captions using a word) and the V words."
     if not isinstance(captions, dict) or sorted(captions) != list(range(n_cls)):
         raise input_error("captions", f"expected a dict with the class ids 0..{n_cls - 1} as keys", "pass data.captions")
-    toks = [[set(_tokens(t)) - _STOP for t in captions[c]] for c in range(n_cls)]
+    toks = [[set(tokenize(t)) - _STOP for t in captions[c]] for c in range(n_cls)]
     vocab = sorted(set().union(*[s for c in toks for s in c]))
     M = torch.tensor([[sum(w in s for s in c) / max(1, len(c)) for w in vocab] for c in toks])   # (n_cls, V)
     used = (M > 0).sum(0); keep = (used >= min_classes) & (used < n_cls)
@@ -424,7 +424,7 @@ def pooled_acts(model: NIWTNet,  # network
                 bs: int = 256,   # batch size
                ) -> torch.Tensor:  # (n,K) on the CPU
     "Spatially averaged activations `(n, K)` of the importance layer for `images (n,3,H,W)`, in batches (on the CPU)."
-    _check_model(model); _pos_int("bs", bs)
+    check_model(model); _pos_int("bs", bs)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         raise input_error("images", f"expected (n,3,H,W) images, got {getattr(images, 'shape', type(images).__name__)}", "stack the images first")
     dev = next(model.parameters()).device
@@ -491,7 +491,7 @@ def plot_neuron(model: NIWTNet,     # network
                ):
     "One row per channel in `neurons`: the `n` `images` that activate it most (pooled), its activation map overlaid, titled with its name. Returns the Figure."
     import matplotlib.pyplot as plt
-    _check_model(model); _pos_int("n", n)
+    check_model(model); _pos_int("n", n)
     neurons = [int(k) for k in (neurons.tolist() if isinstance(neurons, torch.Tensor) else neurons)]
     if not neurons or any(not 0 <= k < model.K for k in neurons):
         raise input_error("neurons", f"expected channel indices in [0, {model.K}), got {neurons!r}", "pass e.g. neurons=[0, 5]")
@@ -718,7 +718,10 @@ def _run_classifier(run):
     if getattr(run.cfg, "norm_match", False): Wu = match_norm(Wu, Ws)
     return torch.cat([Ws, Wu]), torch.cat([bs, run.a2w["b_unseen"].to(bs)]), torch.cat([run.d.seen, run.d.unseen])
 
-def _images(d, idx, img_size):
+def image_batch(d, # a `ZSLData`
+                idx, # image ids
+                img_size:int|None, # resize every image to this square size (None: keep; then all must share one size)
+               )->tuple:
     "Images `idx` as one uint8 batch (resized to `img_size` when given) and their original sizes `(n,2)`."
     ims = [d.image(int(i)) for i in idx]
     hw = torch.tensor([tuple(im.shape[-2:]) for im in ims], dtype=torch.long).reshape(-1, 2)
@@ -731,9 +734,9 @@ def _run_acts(run, model, d, img_size):
     "The run's `ActivationCache` (`run.acts`) when it has one, checked against a fresh forward pass of one image; else None."
     acts = getattr(run, "acts", None)
     if acts is None: return None
-    _check_acts(acts, model)                                                  # same body and weights
+    check_acts(acts, model)                                                  # same body and weights
     i = acts.idx[:1]
-    with eval_mode(model), torch.no_grad(): A0 = model.acts(_images(d, i, img_size)[0].to(next(model.parameters()).device)).cpu()
+    with eval_mode(model), torch.no_grad(): A0 = model.acts(image_batch(d, i, img_size)[0].to(next(model.parameters()).device)).cpu()
     Ac = acts.gather(acts.positions(i))
     if Ac.shape != A0.shape or not torch.allclose(Ac, A0, rtol=1e-2, atol=1e-2 * float(A0.abs().max())):
         raise input_error("run", f"its .acts do not hold this model's activations of image {int(i[0])} (shape {tuple(Ac.shape)} vs {tuple(A0.shape)})",
@@ -744,7 +747,7 @@ def _acts_of(model, d, ids, img_size, acts, x=None):
     "Activations `(B,K,h,w)` of images `ids` on the model's device: from the cache when it holds them all, else a forward pass (of `x` if given)."
     dev = next(model.parameters()).device
     if acts is not None and acts.has(ids): return acts.gather(acts.positions(ids), dev)
-    x = _images(d, ids, img_size)[0] if x is None else x
+    x = image_batch(d, ids, img_size)[0] if x is None else x
     with eval_mode(model), torch.no_grad(): return model.acts(x.to(dev))
 
 def _part_locs(d, ids, img_size):
@@ -759,7 +762,7 @@ def _scan(model, d, ids, img_size, acts, bs):
     "Pooled activations `(m,K)`, each channel's peak value `(m,K)` and location `(m,K,2)` for images `ids`, batch by batch."
     out = {"pooled": [], "val": [], "xy": []}
     for s in range(0, len(ids), bs):
-        x = None if acts is not None and acts.has(ids[s:s + bs]) else _images(d, ids[s:s + bs], img_size)[0]
+        x = None if acts is not None and acts.has(ids[s:s + bs]) else image_batch(d, ids[s:s + bs], img_size)[0]
         A = _acts_of(model, d, ids[s:s + bs], img_size, acts, x).cpu()
         size = tuple(x.shape[-2:]) if x is not None else (img_size,) * 2 if img_size is not None else tuple(d.image(int(ids[0])).shape[-2:])
         v, xy = peak_locations(A, size)
@@ -812,14 +815,14 @@ def collect_explanations(run,                              # a finished pipeline
     dev, img_size = next(model.parameters()).device, run.cfg.importance.img_size or run.cfg.train.img_size
     acts = _run_acts(run, model, d, img_size)
     W, b, col = _run_classifier(run)
-    pos = torch.full((d.n_cls,), -1, dtype=torch.long); pos[col.cpu()] = torch.arange(len(col))
+    pos = class_columns(col.cpu(), n=d.n_cls)                                # class id -> column of W (-1: none)
     gamma = float((getattr(run, "niwt_metrics", None) or {}).get("niwt", {}).get("gamma") or 0.0)
     b_cal = b - gamma * torch.isin(col, d.seen).to(b)                          # calibrated stacking, as evaluated
     g = torch.Generator().manual_seed(seed)
     pick = lambda ids, n: ids[torch.randperm(len(ids), generator=g)[:n]].sort().values
     iu, is_ = pick(d.splits["test_unseen"], n_images), pick(d.splits["test_seen"], n_images)
     idx = torch.cat([iu, is_]); unseen = torch.arange(len(idx)) < len(iu)
-    x, hw0 = _images(d, idx, img_size); labels = pos[d.labels[idx]]
+    x, hw0 = image_batch(d, idx, img_size); labels = pos[d.labels[idx]]
     tr = d.seen[~torch.isin(d.seen, d.val_classes)]
     inv = fit_alpha2dom(run.A["alphas"], run.A["labels"], d.dom["attributes"], tr, d.val_classes, k=k).to(dev)
     names = list(d.attr_names)
@@ -933,7 +936,7 @@ def plot_neuron_parts(ex: RunExplanations,  # `collect_explanations` result with
         cand = torch.nonzero(vis).flatten()
         top = cand[p.peak_val[cand, k].topk(min(n, len(cand))).indices] if len(cand) else cand
         ids = ex.naming_idx[top]
-        ims = _images(ex.data, ids, ex.img_size)[0]
+        ims = image_batch(ex.data, ids, ex.img_size)[0]
         A = _acts_of(ex.model, ex.data, ids, ex.img_size, ex.acts, ims)[:, k].cpu() if len(ids) else None
         for j, ax in enumerate(axs[r]):
             ax.set_xticks([]); ax.set_yticks([])
@@ -999,7 +1002,7 @@ def plot_explanations(ex: RunExplanations,  # `collect_explanations` result
     if ex.parts is not None and len(ex.parts.table): figs["parts"] = plot_part_naming(ex.parts.table).figure
     top = ex.neuron_importance.topk(min(n_neurons, len(ex.neuron_importance))).indices   # the channels NIWT relies on most
     rows = ex.naming_acts[:, top].topk(min(6, len(ex.naming_idx)), dim=0).indices.flatten().unique()  # their top images
-    ims = _images(ex.data, ex.naming_idx[rows], ex.img_size)[0]
+    ims = image_batch(ex.data, ex.naming_idx[rows], ex.img_size)[0]
     figs["neurons"] = plot_neuron(ex.model, ims, top, ex.neuron_names, acts=ex.naming_acts[rows])
     if ex.parts is not None and (ex.parts.name_sets >= 0).any():
         named = torch.nonzero(ex.parts.name_sets >= 0).flatten()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from .core import (Config, NIWTInputError, input_error, check_tensor, import_torchvision, get_layer, eval_mode, get_device,
                           seed_everything, progress, atomic_torch_save, package_version)
+from .data import class_columns
 from .efficientnet import (EfficientNetLite, LITE_PARAMS, LITE_MEAN, LITE_STD, lite_layers, pretrained_path,
                                   pretrained_state_dict)
 
@@ -405,9 +406,7 @@ def seen_columns(data,           # a `ZSLData`
     "`(n_cls,)` long: the column of each class id in the seen classifier (`data.seen[j]` -> `j`), -1 for unseen ones."
     check_data(data)
     n_cls = len(data.classes) if hasattr(data, "classes") else int(max(data.labels.max(), data.seen.max())) + 1
-    col = torch.full((n_cls,), -1, dtype=torch.long)
-    col[data.seen] = torch.arange(len(data.seen))
-    return col
+    return class_columns(data.seen, n=n_cls)
 
 class SquareResize:
     "Resize images `(3,H,W)` or `(B,3,H,W)` (uint8 or float in [0,1]) to float `size x size` (bilinear, antialiased)."

@@ -15,37 +15,25 @@ from .core import (Config, ArtifactStore, NIWTInputError, input_error, hash_key,
 from .data import ZSLData
 from .xlsa17 import decode_data, with_decoded, restore_captions
 from .semantic import ENCODERS
-from .models import (BACKBONES, ModelConfig, TrainConfig, build_model, train_seen, predict, gzsl_logits, natural_input_size,
+from .models import (BACKBONES, ModelConfig, TrainConfig, train_seen, predict, gzsl_logits, natural_input_size,
                             cache_activations, load_activations, body_fingerprint, JoinedCache)
 from .importance import ImportanceConfig, extract_alphas
 from .dom2alpha import Dom2AlphaConfig, fit_dom2alpha, Dom2Alpha
 from .alpha2w import Alpha2WConfig, fit_alpha2w, match_norm
 from .evaluate import (GZSLProblem, ValProblem, val_split, evaluate_gzsl, run_baselines, mean_std, zsl_top1,
-                              refit_seen_head)
+                              refit_seen_head, SPLIT_NAMES)
 
 # %% auto #0
-__all__ = ['SEMANTICS', 'ARTIFACT_FORMAT', 'NIWT_GRID', 'NIWT_VARIANTS', 'SMALLCNN_FILE_SIZE', 'SPLITS', 'IMAGE_SUFFIXES',
-           'BUNDLE_VERSION', 'build_any_model', 'pretrained', 'default_train', 'default_n_feed', 'RunConfig',
-           'parse_classes', 'niwt_settings', 'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'Run',
-           'trainval_features', 'OnActivations', 'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once',
-           'run_niwt']
+__all__ = ['ARTIFACT_FORMAT', 'NIWT_GRID', 'NIWT_VARIANTS', 'SMALLCNN_FILE_SIZE', 'IMAGE_SUFFIXES', 'BUNDLE_VERSION',
+           'pretrained', 'default_train', 'default_n_feed', 'RunConfig', 'parse_classes', 'niwt_settings',
+           'load_dataset', 'decode_size', 'check_run', 'load_run_data', 'Run', 'trainval_features', 'OnActivations',
+           'alpha2w_feed', 'save_bundle', 'Bundle', 'load_bundle', 'run_once', 'run_niwt']
 
 # %% ../nbs/11_pipeline.ipynb #f3dbbd01
-from .data import DATASETS, register_dataset   # the registry lives with the data (loaders register on import)
-
-SEMANTICS = ("attributes", "captions", "sent", "attributes_raw", "attributes_binary")
+from .data import DATASETS, register_dataset, SEMANTICS   # the registry and the semantic inputs live with the data
 ARTIFACT_FORMAT = 3   # bump whenever a stage's stored content changes: older caches are then simply not reused
 # real benchmarks live in their own modules and register on import
 _LAZY = {"cub": "niwt_nb.cub", "awa2": "niwt_nb.awa2", "cub_res101": "niwt_nb.features", "awa2_res101": "niwt_nb.features"}
-
-def build_any_model(model_cfg, # a `ModelConfig` (images) or `FeatureModelConfig` (precomputed features)
-                    n_seen:int, # number of seen classes: the classifier's rows
-                   ):
-    "`build_model` for image backbones, `build_feature_model` for precomputed features (`FeatureModelConfig`)."
-    if type(model_cfg).__name__ == "FeatureModelConfig":
-        from niwt_nb.features import build_feature_model
-        return build_feature_model(model_cfg, n_seen)
-    return build_model(model_cfg, n_seen=n_seen)
 
 def pretrained(model_cfg, # a model config (`ModelConfig` or `FeatureModelConfig`)
               )->bool:
@@ -268,7 +256,7 @@ def check_run(cfg:RunConfig, # the run's config
     takes images of the decode size. Returns the freshly built model."""
     for sem in cfg.semantics: _check_semantic(sem, d)
     if cfg.alpha2w.feed == "other": _feed_files(cfg.feed_dir)
-    model = build_any_model(cfg.model, len(d.seen))                       # backbone, layer and weights errors surface here
+    model = cfg.model.build(len(d.seen))                       # backbone, layer and weights errors surface here
     size = decode_size(cfg, d)
     x = torch.zeros(1, 3, size, size) if size is not None else d.images[:1]
     if x.ndim == 4:                                                       # image models (not precomputed features)
@@ -388,7 +376,7 @@ def seen_model(self: Run):
     cfg, d = self.cfg, self.d
     key = hash_key(self.keys["data"], cfg.model, cfg.train)
     with self.stage("seen_model", key) as key:
-        model, self.model0 = getattr(self, "model0", None) or build_any_model(cfg.model, len(d.seen)), None
+        model, self.model0 = getattr(self, "model0", None) or cfg.model.build(len(d.seen)), None
         if self.store.exists("seen_model", key):
             art = self.store.load("seen_model", key)
             model.load_state_dict(art["state"]); hist = art["history"]
@@ -404,20 +392,18 @@ def seen_model(self: Run):
     return model
 
 # %% ../nbs/11_pipeline.ipynb #2d55990b
-SPLITS = ("train", "val", "test_seen", "test_unseen")
-
 @patch
 def features(self: Run) -> dict:
     "`{split: {'features', 'labels', 'idx'}}` of the fine-tuned network (`self.F`) and, pretrained only, of the untouched one (`self.F_frozen`)."
     def feats(model):
         return {s: {k: v for k, v in predict(model, self.d, s, device=self.dev, acts=self.acts_for(s)).items() if k != "logits"}
-                for s in SPLITS}
+                for s in SPLIT_NAMES}
     with self.stage("features", self.keys["seen_model"]) as key:
         self.F = self.store.cached("features", key, lambda: feats(self.model))
     self.F_frozen = None
     if pretrained(self.cfg.model) and self.cfg.frozen_baselines:
         with self.stage("features_frozen", hash_key(self.keys["data"], self.cfg.model.replace(seed=0))) as key:
-            self.F_frozen = self.store.cached("features_frozen", key, lambda: feats(build_any_model(self.cfg.model, len(self.d.seen)).to(self.dev)))
+            self.F_frozen = self.store.cached("features_frozen", key, lambda: feats(self.cfg.model.build(len(self.d.seen)).to(self.dev)))
     return self.F
 
 def trainval_features(F:dict, # `Run.features()` output: `{split: {'features', 'labels', 'idx'}}`
@@ -630,7 +616,7 @@ def baselines(self: Run, sem: str) -> dict:
         if self.F_frozen is not None: jobs.append(("_frozen", self.F_frozen, [m for m in cfg.frozen_baselines if m != "dom2w"]))
         for suffix, F, methods in jobs:
             if not methods: continue
-            X = {s: F[s]["features"] for s in SPLITS}; Y = {s: F[s]["labels"] for s in SPLITS}
+            X = {s: F[s]["features"] for s in SPLIT_NAMES}; Y = {s: F[s]["labels"] for s in SPLIT_NAMES}
             with _blas_cap():
                 res = run_baselines(X, Y, self.dom[sem], d.seen, d.unseen, d.val_classes, self.model.fc.weight.detach().cpu(),
                                     self.model.fc.bias.detach().cpu(), methods=methods, seen_head_val=self.head_val if not suffix else None,
@@ -707,7 +693,7 @@ class Bundle:
             raise input_error("out", "the dataset on this machine differs from the one the run used",
                               "point --root/NIWT_DATA at the same data, or rerun niwt_run")
         mc = self.cfg.model.replace(weights="random") if hasattr(self.cfg.model, "weights") else self.cfg.model
-        self.model = build_any_model(mc, len(self.d.seen))
+        self.model = mc.build(len(self.d.seen))
         self.model.load_state_dict(b["model_state"]); self.model.eval()
         self.W_seen, self.b_seen = self.model.fc.weight.detach(), self.model.fc.bias.detach()
         self.semantics, self._by = list(b["semantics"]), b["by_semantic"]

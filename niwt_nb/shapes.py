@@ -14,7 +14,7 @@ from .core import Config, input_error, cache_root, ArtifactStore
 from .data import ZSLData, make_train_val
 
 # %% auto #0
-__all__ = ['GROUPS', 'RGB', 'WORDS', 'ShapesConfig', 'make_shapes', 'plot_samples', 'plot_class_attributes']
+__all__ = ['GROUPS', 'RGB', 'WORDS', 'attribute_names', 'ShapesConfig', 'make_shapes', 'plot_samples', 'plot_class_attributes']
 
 # %% ../nbs/02_shapes.ipynb #7c751501
 GROUPS = {  # attribute group -> values; attribute names are "group::value"
@@ -27,8 +27,8 @@ GROUPS = {  # attribute group -> values; attribute names are "group::value"
 RGB = {"red": (0.85, 0.12, 0.12), "green": (0.13, 0.68, 0.20), "blue": (0.15, 0.30, 0.92),
        "yellow": (0.95, 0.85, 0.10), "purple": (0.58, 0.18, 0.75), "orange": (1.00, 0.52, 0.05)}
 
-def _attr_names() -> list:
-    "All attribute names, group by group."
+def attribute_names() -> list:
+    "All 22 Shapes attribute names (`'group::value'`), group by group: the columns of the attribute vectors."
     return [f"{g}::{v}" for g, vals in GROUPS.items() for v in vals]
 
 def _group_slices() -> dict:
@@ -250,7 +250,7 @@ def _generate(cfg: ShapesConfig) -> ZSLData:
     rng = np.random.default_rng(cfg.seed)                       # class design and captions
     g = torch.Generator().manual_seed(cfg.seed)                 # images and splits
     typ, A, unseen = _design_classes(cfg, rng)
-    names = _attr_names(); sl = _group_slices()
+    names = attribute_names(); sl = _group_slices()
     At = torch.tensor(A, dtype=torch.float32)                   # (n_cls, n_attr)
     labels = torch.arange(cfg.n_classes).repeat_interleave(cfg.n_per_class)                   # (n_img,)
     vals = torch.stack([torch.multinomial(At[labels, s], 1, generator=g)[:, 0] for s in sl.values()], 1)  # (n_img, n_groups)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .core import NIWTInputError, input_error, check_tensor, eval_mode, temp_env
-from .semantic import _tokens
+from .semantic import tokenize
 
 # %% auto #0
 __all__ = ['PART_SYNONYMS', 'attribute_phrase', 'attribute_part', 'text_segments', 'AttributeTextMap', 'DomBridge',
@@ -49,10 +49,10 @@ def _stem(w: str) -> str:
 def _value_words(name: str) -> set:
     "Stemmed words of an attribute's value, without details in parentheses or function words: `'has_size::large_(16_-_32_in)'` -> `{'large'}`."
     v = re.sub(r"\(.*?\)", " ", name.rpartition("::")[2].replace("_", " "))
-    return {_stem(w) for w in _tokens(v) if w not in _STOP}
+    return {_stem(w) for w in tokenize(v) if w not in _STOP}
 
 def _ngrams(text: str, n: int = 3) -> list:
-    toks = [t for t in _tokens(text) if t not in _STOP]
+    toks = [t for t in tokenize(text) if t not in _STOP]
     return list(dict.fromkeys(" ".join(toks[i:i + k]) for k in range(1, n + 1) for i in range(len(toks) - k + 1)))
 
 def text_segments(text: str,  # free text
@@ -255,7 +255,8 @@ class NIWTExplorer:
         self.out = None if isinstance(out, Bundle) else Path(out)
         self.bundle = out if isinstance(out, Bundle) else load_bundle(out)
         b, d = self.bundle, self.bundle.d
-        if type(b.cfg.model).__name__ == "FeatureModelConfig":
+        from niwt_nb.features import FeatureModelConfig
+        if isinstance(b.cfg.model, FeatureModelConfig):
             raise input_error("out", f"the run on {b.cfg.dataset!r} is feature-level (precomputed features, no images to show or map)",
                               "explore a run on images, e.g. niwt_run --dataset shapes")
         self.cfg, self.d, self.model = b.cfg, d, b.model.eval()
@@ -271,7 +272,7 @@ class NIWTExplorer:
         g = torch.Generator().manual_seed(seed)
         pick = lambda ids: ids[torch.randperm(len(ids), generator=g)[:n_images]].sort().values
         self.image_ids = torch.cat([pick(d.splits["test_unseen"]), pick(d.splits["test_seen"])])  # (n,) image ids
-        self._pos = {int(c): j for j, c in enumerate(torch.cat([d.seen, d.unseen]).tolist())}
+        self._pos = d.class_columns(torch.cat([d.seen, d.unseen]))            # class id -> column
         self._fit_inverse(inverse_per_class)
         self._feed = self._text_map = None
         self._encoders, self._bridges, self._photos = {}, {}, {}
@@ -311,9 +312,9 @@ class NIWTExplorer:
 
     def _x(self, image_ids) -> torch.Tensor:
         "Images as the network takes them: uint8 `(n,3,H,W)`, resized like the run's."
-        from niwt_nb.explain import _images
+        from niwt_nb.explain import image_batch
         ids = torch.as_tensor(image_ids, dtype=torch.long).reshape(-1)
-        return _images(self.d, ids, self.img_size)[0].to(next(self.model.parameters()).device)
+        return image_batch(self.d, ids, self.img_size)[0].to(next(self.model.parameters()).device)
 
     def _fit_inverse(self, per_class: int):
         "Inverse map alpha -> words on the importances of up to `per_class` training images per seen class."
@@ -331,7 +332,7 @@ class NIWTExplorer:
         tv = d.splits["trainval"]; lab = d.labels[tv]
         ids = torch.cat([tv[lab == c][torch.randperm(int((lab == c).sum()), generator=g)[:per_class]] for c in d.seen.tolist()])
         labels = d.labels[ids]
-        seen_col = torch.full((d.n_cls,), -1, dtype=torch.long); seen_col[d.seen] = torch.arange(len(d.seen))
+        seen_col = d.class_columns(d.seen)
         alphas = torch.cat([importances(self.model, self._x(ids[s:s + 64]), seen_col[labels[s:s + 64]].to(next(self.model.parameters()).device)).cpu()
                             for s in range(0, len(ids), 64)])                 # (n, K)
         train = d.seen[~torch.isin(d.seen, d.val_classes)]
@@ -421,7 +422,7 @@ def predict(self: NIWTExplorer, image: int,  # image id, an index into the run's
     "Top-`top` columns of `image` with softmax probabilities over all columns, its true column and the predicted one."
     s = self.scores(image, calibrate, semantic); p = s.softmax(0)
     v, j = p.topk(min(top, len(p)))
-    true = self._pos.get(int(self.d.labels[image]))
+    true = int(self._pos[int(self.d.labels[image])])
     return {"image": int(image), "true": true, "true_name": self.d.classes[int(self.d.labels[image])], "predicted": int(j[0]),
             "top": [{"column": c, "name": self.columns[c]["name"], "kind": self.columns[c]["kind"], "prob": float(q)}
                     for c, q in zip(j.tolist(), v.tolist())], "calibrated": bool(calibrate), "scores": s, "probs": p,
@@ -863,10 +864,10 @@ def _bar_png(self: NIWTExplorer, p: dict) -> bytes:
 def _cam_image(self: NIWTExplorer, image: int, cam: torch.Tensor, height: int | None = None, both: bool = True) -> bytes:
     "The image and its Grad-CAM overlay side by side (`both`), or the overlay alone, `height` pixels high: PNG bytes (JPEG for photos)."
     from PIL import Image
-    from niwt_nb.explain import overlay, _hwc
+    from niwt_nb.explain import overlay, to_hwc
     height = height or self.display_size
     img = self.photo(image, height)
-    parts = [_hwc(img), np.ones((img.shape[1], 2, 3), np.float32), overlay(img, cam)] if both else [overlay(img, cam)]
+    parts = [to_hwc(img), np.ones((img.shape[1], 2, 3), np.float32), overlay(img, cam)] if both else [overlay(img, cam)]
     pil = Image.fromarray((np.concatenate(parts, 1) * 255).round().astype(np.uint8))
     if pil.height != height:
         r = height / pil.height

@@ -11,6 +11,7 @@ MODULES = sorted(p.stem for p in PKG.glob("*.py") if not p.stem.startswith("_"))
 
 def undocumented(obj) -> list:
     "Parameters of `obj` (a function, or a class: its `__init__`/dataclass fields) without a docments comment or a `Param` help."
+    if getattr(obj, "_is_protocol", False): return []                     # a typing.Protocol: its signature is synthetic
     try: sig = inspect.signature(obj)
     except (TypeError, ValueError): return []
     d = docments(obj, full=True, args_kwargs=True)

@@ -190,7 +190,7 @@ def test_semantic_bad_inputs():
     _raises(r"`how`: unknown normalisation", normalize_dom, dom=torch.ones(2, 2), how="max")
     from types import SimpleNamespace
     d = SimpleNamespace(name="t", classes=["a", "b"], dom={}, captions=None, meta={})
-    _raises(r"use one of \['attributes', 'captions'\]", add_semantic, data=d, semantic="word2vec")
+    _raises(r"use one of \['attributes', 'captions', 'sent', 'attributes_raw', 'attributes_binary'\]", add_semantic, data=d, semantic="word2vec")
 
 
 def test_add_semantic_on_toy_zsldata():
