@@ -12,7 +12,7 @@ small PNGs (`RC`: 72 dpi). Cells skipped by the test suite (settings.ini `tst_fl
 `nbdev_export()` cell) are not executed and keep whatever outputs they have: the saved outputs of the executed
 cells are exactly what the test suite reproduces, so tests/test_notebooks.py can check them (`compare`).
 Saved outputs are tidied (`tidy`): no stderr (warnings, tqdm bars), no `\\r` progress lines, no execution counts,
-one stdout stream per cell. Pages that show widgets (`uses_widgets`) are executed in a real Jupyter kernel
+one stdout stream per cell, large PNGs re-encoded with a 256-colour palette (`shrink_png`). Pages that show widgets (`uses_widgets`) are executed in a real Jupyter kernel
 (nbclient) so that the widget state is saved in the notebook metadata, which Quarto needs to draw them. At the
 end `nbdev_clean` normalises the files (settings.ini `clear_all = False`: it keeps outputs, images included).
 """
@@ -149,6 +149,19 @@ def tidy_text(text: str) -> str:
     return "".join(l for l in text.splitlines(True) if "\r" not in l.rstrip("\n") and not _BAR.search(l))
 
 
+def shrink_png(b64: str, min_bytes: int = 20_000) -> str:
+    "A large PNG re-encoded with a 256-colour palette over white (plots lose nothing visible; 2-3x smaller)."
+    import base64, io
+    from PIL import Image
+    raw = base64.b64decode(b64)
+    if len(raw) < min_bytes: return b64
+    im = Image.open(io.BytesIO(raw)).convert("RGBA")
+    bg = Image.new("RGBA", im.size, (255, 255, 255, 255)); bg.alpha_composite(im)
+    q = bg.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    f = io.BytesIO(); q.save(f, "PNG", optimize=True)
+    return base64.b64encode(f.getvalue()).decode() + "\n" if f.tell() < len(raw) else b64
+
+
 def tidy(outputs: list) -> list:
     "Outputs as saved: stderr dropped, stdout merged into one tidied stream first, no execution counts."
     out, stdout = [], ""
@@ -159,6 +172,8 @@ def tidy(outputs: list) -> list:
                 t = o["text"]; stdout += "".join(t) if isinstance(t, list) else t
             continue
         if o["output_type"] == "execute_result": o["execution_count"] = None
+        if "image/png" in o.get("data", {}):
+            png = o["data"]["image/png"]; o["data"]["image/png"] = shrink_png("".join(png) if isinstance(png, list) else png)
         o.get("metadata", {}).pop("transient", None); o.pop("transient", None)
         out.append(o)
     stdout = tidy_text(stdout)
