@@ -25,7 +25,7 @@ NBS = ROOT / "nbs"
 
 # -- the fixed environment -------------------------------------------------------------------------------------
 ENV = {"IN_TEST": "1", "NIWT_QUIET": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "MPLBACKEND": "Agg", "TQDM_DISABLE": "1"}
+       "MPLBACKEND": "Agg", "TQDM_DISABLE": "1", "COLUMNS": "80"}
 RC = {"figure.dpi": 72, "savefig.dpi": 72, "figure.figsize": (6.0, 4.0), "font.size": 9}
 SETUP = f"""\
 import random as _r, numpy as _np, torch as _t, matplotlib as _mpl
@@ -123,9 +123,9 @@ def _execute_kernel(path, nb, run):
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
-    sub = nbformat.from_dict({"cells": [{"cell_type": "code", "source": "%matplotlib inline\n" + SETUP, "metadata": {},
+    sub = nbformat.from_dict({"cells": [{"cell_type": "code", "source": f"%matplotlib inline\nimport sys; sys.path.insert(0, {str(ROOT)!r})\n" + SETUP, "metadata": {},
                                          "outputs": [], "execution_count": None, "id": "niwt-setup"}]
-                              + [dict(copy.deepcopy(nb["cells"][i]), outputs=[]) for i in run],
+                              + [dict(copy.deepcopy(nb["cells"][i]), outputs=[], source=src(nb["cells"][i])) for i in run],
                               "metadata": copy.deepcopy(nb.get("metadata", {})), "nbformat": 4, "nbformat_minor": 5})
     sub.metadata.pop("widgets", None)
     client = NotebookClient(sub, timeout=900, kernel_name="python3", store_widget_state=True,
