@@ -2,8 +2,9 @@
 notebook renders to HTML with nbconvert and shows no traceback, the pages with widgets are executed in a real kernel
 (like `jupyter nbconvert --execute`) and their widget state is saved, survives `nbdev_clean` and is embedded in the
 HTML. The other notebooks are executed by tests/test_notebooks.py. Each page is also put through nbdev's own docs
-processors (what `nbdev_docs` does before Quarto: it re-runs import, export and show_doc cells, keeps the other
-saved outputs) and rendered, with its saved figures embedded; links between pages resolve."""
+processors (what `nbdev_docs` does before Quarto: it re-runs export and show_doc cells and the imports of the others,
+tools/nbdev_procs.py, and keeps the other saved outputs) and rendered, with its saved figures embedded; links between
+pages resolve."""
 import configparser, copy, json, os, re
 from pathlib import Path
 import pytest
@@ -100,6 +101,7 @@ def test_page_renders_through_nbdev_docs_processing_with_its_figures(rel, monkey
     pngs = [o["data"]["image/png"].strip() for c in saved.cells if c.cell_type == "code" and visible(c)
             for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     monkeypatch.chdir(ROOT); monkeypatch.setenv("IN_TEST", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))                           # settings.ini `procs = nbdev_procs:...`
     nb = read_nb(NBS / rel)
     try: FilterDefaults()(nb)
     except Exception as e: pytest.fail(f"{rel}: nbdev_docs would fail processing it: {e!r}\n{e.__cause__!r}", pytrace=False)
@@ -193,6 +195,25 @@ def test_doc_links_point_at_pages_that_exist():
     site = {_page_html(r) for r in _notebooks()}
     pages = {link.partition("#")[0] for mod in d["syms"].values() for link, _ in mod.values()}
     assert sorted(pages - site) == []
+
+
+def test_docs_build_runs_only_what_the_reference_needs():
+    "settings.ini makes nbdev_docs import tools/nbdev_procs.py, which keeps the docs build off test and slow code."
+    import sys
+    sys.path.insert(0, str(ROOT / "tools"))
+    try: import nbdev_procs
+    finally: sys.path.remove(str(ROOT / "tools"))
+    assert CFG["DEFAULT"]["procs"].split(":")[0] == "nbdev_procs" and "exec_show_docs" not in CFG["DEFAULT"].get("skip_procs", "")
+    from execnb.nbio import dict2nb
+    nb = dict2nb({"cells": [{"cell_type": "code", "source": s, "metadata": {}, "outputs": []} for s in (
+        "#| export\ndef f(): pass", "show_doc(f)", "import os\nx = undefined_name", "#| slow\nimport torch", "y = 1")],
+        "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+    from nbdev.process import NBProcessor
+    cells = NBProcessor(nb=nb).nb.cells
+    assert [nbdev_procs.docs_source(c) for c in cells] == [("def f(): pass", True), ("show_doc(f)", True),
+                                                            ("import os", False), (None, False), (None, False)]
+    import nbdev.processors as P
+    assert P.exec_show_docs.__call__ is nbdev_procs._call
 
 
 def test_link_check_catches_broken_links():
