@@ -5,8 +5,11 @@ PIP   := $(PY) -m pip
 STAMP := .venv/.installed
 RUN_ARGS ?=
 OUT   ?= runs/default
+NBS   ?=
+FLAGS ?=
+JOBS  ?= 2
 
-.PHONY: run test venv export clean-nbs readme sync lab bench
+.PHONY: run test venv export clean-nbs readme sync lab bench outputs
 venv: $(STAMP)
 
 $(STAMP): settings.ini setup.py constraints.txt
@@ -26,6 +29,11 @@ test: $(STAMP)
 
 export: $(STAMP)
 	.venv/bin/nbdev_export && .venv/bin/nbdev_clean
+
+# Execute the notebooks in place and save their outputs (figures, tables, printed results), then nbdev_clean them:
+# `make outputs`, or a subset: `make outputs NBS="nbs/08_evaluate.ipynb"`; FLAGS=slow also runs the `#| slow` cells.
+outputs: $(STAMP)
+	$(PY) tools/run_nbs.py -j $(JOBS) $(if $(FLAGS),--flags "$(FLAGS)") $(NBS)
 
 readme: $(STAMP)
 	$(PY) tools/make_readme.py
