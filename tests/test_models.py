@@ -529,7 +529,8 @@ def test_train_seen_weights_as_before_the_shared_loop(tmp_path, mode, patience, 
     from niwt_nb.shapes import ShapesConfig, make_shapes
     data = make_shapes(ShapesConfig(n_classes=10, n_unseen=3, n_val_classes=1, n_per_class=16, size=16, seed=0), cache=False)
     cfg = TrainConfig(epochs=3, bs=25, lr=3e-3, seed=0, patience=patience, mode=mode, cache_dtype="float32")
-    m, h = train_seen(build_model(ModelConfig(width=8, seed=0), len(data.seen)), data, cfg, ckpt_path=tmp_path / "ck.pt")
+    m, h = train_seen(build_model(ModelConfig(width=8, seed=0), len(data.seen)), data, cfg, ckpt_path=tmp_path / "ck.pt",
+                      device="cpu")                                          # the recorded numbers are CPU numbers
     sd = m.state_dict()
     got = [sd["fc.weight"].double().sum().item(), sd["fc.weight"].double().abs().sum().item(), sd["body.features.0.0.weight"].double().abs().sum().item()]
     np.testing.assert_allclose(got, [fc_sum, fc_abs, conv_abs], rtol=1e-4, atol=1e-5)
