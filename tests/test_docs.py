@@ -5,14 +5,15 @@ HTML. The other notebooks are executed by tests/test_notebooks.py. Each page is 
 processors (what `nbdev_docs` does before Quarto: it re-runs export and show_doc cells and the imports of the others,
 tools/nbdev_procs.py, and keeps the other saved outputs) and rendered, with its saved figures embedded; links between
 pages resolve."""
-import configparser, copy, json, os, re
+import configparser, copy, importlib.util, json, os, re
 from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 CFG = configparser.ConfigParser(); CFG.read(ROOT / "settings.ini")
-SKIP_FLAGS = CFG["DEFAULT"].get("tst_flags", "").split()
+_spec = importlib.util.spec_from_file_location("run_nbs", ROOT / "tools" / "run_nbs.py")
+run_nbs = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(run_nbs)   # the notebook list and the skip rule
 STATE = "application/vnd.jupyter.widget-state+json"
 VIEW = "application/vnd.jupyter.widget-view+json"
 EXECUTED = ["index.ipynb", "explanation.ipynb", "14_widgets.ipynb"]   # cheap pages, and the ones with widgets
@@ -21,8 +22,7 @@ pytestmark = pytest.mark.xdist_group("docs")
 
 
 def _notebooks():
-    return sorted(str(p.relative_to(NBS)) for p in NBS.rglob("*.ipynb")
-                  if not any(part.startswith(("_", ".")) for part in p.relative_to(NBS).parts))
+    return [str(p.relative_to(NBS)) for p in run_nbs.notebooks()]
 
 
 def _sidebar_entries(contents):
@@ -252,15 +252,9 @@ def _check_widgets(nb, min_images: int):
 
 # -- executing the pages with widgets, as the docs are regenerated --------------------------------------------------
 def _runnable(nb):
-    "Drop cells the test suite skips (nbdev's tst_flags) and `nbdev_export` calls, like nbdev_test does."
-    from nbdev.process import extract_directives
-    keep = []
-    for c in nb.cells:
-        if c.cell_type == "code":
-            if "nbdev_export" in c.source: continue
-            if set(extract_directives(copy.deepcopy(c), remove=False)) & set(SKIP_FLAGS): continue
-        keep.append(c)
-    nb.cells = keep
+    "Drop the code cells the test suite skips (`run_nbs.is_skipped`: tst_flags, `eval: false`, `nbdev_export()` calls)."
+    flags = run_nbs.skip_flags()
+    nb.cells = [c for c in nb.cells if c.cell_type != "code" or not run_nbs.is_skipped(c, flags)]
     return nb
 
 
